@@ -1,0 +1,83 @@
+"""What a decoded video or image looks like once the data pipeline is done with it.
+
+These are the types the processor (``keye.processing``) consumes; the data pipeline produces them. Keeping
+them here, in one small module, is the agreed interface between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SLOW = 0
+FAST = 1
+
+
+class MediaError(ValueError):
+    """A video or image that cannot be used; callers count ``reason`` and skip the sample.
+
+    ``reason`` is a short machine-friendly tag: ``missing``, ``empty``, ``corrupt``, ``no_video``, ``too_short``,
+    ``too_large``, ``mixed_sizes`` or ``unsupported``.
+    """
+
+    def __init__(self, reason: str, message: str, path: str | None = None) -> None:
+        self.reason = reason
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+@dataclass
+class VideoOptions:
+    """Per-video reading options (keys as in a message's ``{"type": "video", ...}`` item)."""
+
+    fps: float = 2.0
+    max_frames: int | None = None
+    min_pixels: int = 48 * 784  # VIDEO_MIN_PIXELS: the smallest frame is 48 merged tokens
+    max_pixels: int = 768 * 784  # the largest slow frame is 768 merged tokens
+    video_total_pixels: int = 65536 * 784  # token budget of the whole video × 784
+    min_frame_similarity: float = 0.90  # shipped code's threshold (the paper says 0.95)
+    fast_token_ratio: float = 0.3
+    slow_fast: bool = True  # False: every frame slow, the budget split evenly
+    video_start: float | None = None
+    video_end: float | None = None
+    resized_height: int | None = None
+    resized_width: int | None = None
+    backend: str = "auto"  # "auto" (PyAV, then decord), "pyav" or "decord"
+
+
+@dataclass
+class VideoClip:
+    """Sampled frames of one video plus everything the processor needs to tokenise them.
+
+    ``frames`` are uint8 ``[T, 3, H, W]`` at decoded size; the processor resizes slow frames to
+    ``slow_hw`` and fast frames to ``fast_hw`` (both multiples of 28).
+    """
+
+    frames: torch.Tensor
+    timestamps: list[float]
+    frame_types: list[int]
+    slow_hw: tuple[int, int]
+    fast_hw: tuple[int, int]
+    frame_indices: list[int] = field(default_factory=list)
+    native_fps: float | None = None
+    duration: float | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        n = int(self.frames.shape[0])
+        if len(self.frame_types) != n:
+            raise ValueError(f"VideoClip has {n} frames but {len(self.frame_types)} frame types")
+        if self.timestamps and len(self.timestamps) != n:
+            raise ValueError(f"VideoClip has {n} frames but {len(self.timestamps)} timestamps")
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    def frame_hw(self, j: int) -> tuple[int, int]:
+        return self.fast_hw if self.frame_types[j] == FAST else self.slow_hw
+
+    def visual_tokens(self, merge_factor: int = 28) -> int:
+        """Merged visual tokens the model will see for this clip."""
+        return sum((h // merge_factor) * (w // merge_factor) for h, w in map(self.frame_hw, range(self.num_frames)))

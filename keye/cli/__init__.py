@@ -1,0 +1,1 @@
+"""The ``keye`` command line: one console script, one module per subcommand under ``keye.cli``."""

@@ -1,0 +1,112 @@
+"""The optional LLM judge: an OpenAI-compatible endpoint (a server this test starts) and a local engine."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from eval.config import EvalConfig
+from eval.runner import run_eval
+from keye.typed_config import from_dict
+from tests.eval_fake_engine import write_kc
+
+
+class _Handler(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Handler.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+        prompt = body["messages"][0]["content"]
+        if "模型回答：红色" in prompt:
+            # garbage first: the judge must retry, with a higher temperature
+            reply = "回答正确" if body["temperature"] > 0 else "hmm"
+        elif "模型回答：" in prompt:
+            reply = "回答错误"
+        else:
+            reply = "是"  # "which choice does the answer select"
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    _Handler.requests = []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_openai_judge_grades_vqa_and_rescues_unparseable(tmp_path, server, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "secret")
+    write_kc(
+        tmp_path,
+        {
+            "CPV.tsv": [{"id": 1, "answer": "红", "reply": "红色"}, {"id": 2, "answer": "长袖", "reply": "短袖"}],
+            "SPU.tsv": [{"id": 1, "answer": "是", "reply": "这两个商品看起来一模一样"}],
+        },
+    )
+    cfg = from_dict(
+        EvalConfig,
+        {
+            "benchmarks": ["CPV", "SPU"],
+            "data": str(tmp_path),
+            "out": str(tmp_path / "out"),
+            "progress": False,
+            "engine": "tests.eval_fake_engine:make",
+            "judge": {"kind": "openai", "url": server, "model": "judge-model", "api_key_env": "JUDGE_KEY"},
+        },
+    )
+    res = run_eval(cfg)
+    cpv, spu = res["benchmarks"]["CPV"], res["benchmarks"]["SPU"]
+    assert cpv["overall"]["correct"] == 1 and cpv["judged_samples"] == 2 and "LLM judge" in cpv["scoring"]
+    assert spu["overall"]["correct"] == 1 and spu["judged_samples"] == 1
+    reqs = _Handler.requests
+    assert all(r["path"] == "/v1/chat/completions" and r["model"] == "judge-model" for r in reqs)
+    assert reqs[0]["auth"] == "Bearer secret"
+    retried = [r["temperature"] for r in reqs if "模型回答：红色" in r["messages"][0]["content"]]
+    assert retried[0] == 0.0 and retried[1] > 0.0
+    assert "judge: openai" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_engine_judge_and_unreachable_endpoint(tmp_path):
+    write_kc(
+        tmp_path,
+        {
+            "CPV.tsv": [
+                {"id": 1, "answer": "红", "reply": "红色", "named": {"a": "回答正确"}},
+                {"id": 2, "answer": "长袖", "reply": "短袖", "named": {"a": "回答错误"}},
+            ]
+        },
+    )
+    base = {"benchmarks": ["CPV"], "data": str(tmp_path), "progress": False, "engine": "tests.eval_fake_engine:make"}
+    cfg = from_dict(
+        EvalConfig,
+        {
+            **base,
+            "out": str(tmp_path / "o1"),
+            "judge": {"kind": "engine", "engine": "tests.eval_fake_engine:make_judge_a"},
+        },
+    )
+    assert run_eval(cfg)["benchmarks"]["CPV"]["overall"]["correct"] == 1
+    dead = from_dict(
+        EvalConfig,
+        {
+            **base,
+            "out": str(tmp_path / "o2"),
+            "judge": {"kind": "openai", "url": "http://127.0.0.1:9/v1", "timeout_s": 2},
+        },
+    )
+    with pytest.raises(RuntimeError, match="judge endpoint .*request failed"):
+        run_eval(dead)

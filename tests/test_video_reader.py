@@ -1,0 +1,161 @@
+"""load_video / load_image behaviour: sampling, windows, budget, frame storage, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipelines import synthetic
+from data_pipelines.image_reader import load_image
+from data_pipelines.media import FAST, SLOW, MediaError, VideoOptions
+from data_pipelines.resize import tokens_for
+from data_pipelines.video_reader import clip_pixels, decode_frames, load_video, sample_indices
+
+
+@pytest.fixture(scope="module")
+def cuts(tmp_path_factory) -> str:
+    # 12 s at 10 fps, a new scene every 2 s
+    return synthetic.scene_cuts(tmp_path_factory.mktemp("v") / "cuts.mp4", every=20, num_frames=120, fps=10)
+
+
+def test_sampling_counts_and_timestamps():
+    opts = VideoOptions()
+    assert sample_indices(300, 30.0, opts) == torch.linspace(0, 299, 20).round().long().tolist()
+    assert len(sample_indices(100_000, 30.0, opts)) == 1365  # 65536*784 / (48*784)
+    assert len(sample_indices(100_000, 30.0, VideoOptions(max_frames=50))) == 50
+    assert len(sample_indices(300, 1.0, VideoOptions(fps=2.0))) == 300  # fps capped by the native rate
+    with pytest.raises(MediaError) as err:
+        sample_indices(7, 30.0, opts)  # 0.23 s < one 0.5 s interval
+    assert err.value.reason == "too_short"
+
+
+def test_clip_fields_and_types(cuts):
+    clip = load_video(cuts)
+    assert clip.num_frames == 24 and clip.frames.dtype == torch.uint8 and clip.frames.shape[1] == 3
+    assert clip.native_fps == pytest.approx(10.0) and clip.duration == pytest.approx(12.0)
+    assert clip.timestamps == [i / 10.0 for i in clip.frame_indices]
+    assert clip.frame_types[0] == SLOW
+    # every scene starts with a slow frame: samples land on frames 0, 20, 40, ... at most one sample late
+    scene_of = [i // 20 for i in clip.frame_indices]
+    firsts = [k for k in range(clip.num_frames) if k == 0 or scene_of[k] != scene_of[k - 1]]
+    assert all(clip.frame_types[k] == SLOW for k in firsts)
+    assert FAST in clip.frame_types
+    assert all(v % 28 == 0 for v in (*clip.slow_hw, *clip.fast_hw))
+    pixels = clip_pixels(clip)
+    assert [tuple(p.shape[1:]) for p in pixels] == [clip.frame_hw(j) for j in range(clip.num_frames)]
+    assert clip.visual_tokens() == sum(tokens_for(*p.shape[1:]) for p in pixels)
+
+
+def test_window_keeps_absolute_timestamps(cuts):
+    clip = load_video(cuts, VideoOptions(video_start=4.0, video_end=8.0))
+    assert clip.frame_indices[0] == 40 and clip.frame_indices[-1] == 80
+    assert all(4.0 <= t <= 8.0 for t in clip.timestamps)
+    assert len(clip.frame_indices) == int(41 / 10 * 2)
+    full = decode_frames(cuts, clip.frame_indices)
+    np.testing.assert_array_equal(decode_frames(cuts, clip.frame_indices, backend="decord"), full)
+    with pytest.raises(MediaError) as err:
+        load_video(cuts, VideoOptions(video_start=20.0))
+    assert err.value.reason == "too_short"
+
+
+def test_slow_fast_off_splits_budget_evenly(cuts):
+    clip = load_video(cuts, VideoOptions(slow_fast=False, video_total_pixels=24 * 100 * 784))
+    assert clip.frame_types == [SLOW] * 24 and clip.fast_hw == clip.slow_hw
+    assert tokens_for(*clip.slow_hw) <= 101
+    assert clip.visual_tokens() <= 24 * 101
+
+
+def test_budget_respected_and_memory_bounded(tmp_path):
+    path = synthetic.static_video(tmp_path / "s.mp4", seconds=60, fps=2.5, height=720, width=1280)
+    clip = load_video(path, VideoOptions(video_total_pixels=6000 * 784))
+    assert clip.num_frames == 120
+    assert clip.visual_tokens() <= 6000 + tokens_for(*clip.slow_hw)  # the search may overshoot by < 1 slow step
+    # frames are held at the slow size, not at 720x1280
+    assert tuple(clip.frames.shape[-2:]) == clip.slow_hw
+    assert clip.frames.numel() < 120 * 3 * 720 * 1280 / 3
+
+
+def test_decord_backend_same_result(cuts):
+    a, b = load_video(cuts), load_video(cuts, VideoOptions(backend="decord"))
+    assert (a.frame_indices, a.frame_types, a.slow_hw, a.fast_hw) == (
+        b.frame_indices,
+        b.frame_types,
+        b.slow_hw,
+        b.fast_hw,
+    )
+    assert torch.equal(a.frames, b.frames)
+
+
+def test_wrong_extension_is_read_by_content(cuts, tmp_path):
+    other = tmp_path / "clip.avi"
+    other.write_bytes(open(cuts, "rb").read())
+    assert load_video(str(other)).frame_types == load_video(cuts).frame_types
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda d: str(d / "nope.mp4"), "missing"),
+        (lambda d: (d / "empty.mp4").write_bytes(b"") and str(d / "empty.mp4") or str(d / "empty.mp4"), "empty"),
+        (lambda d: (d / "text.mp4").write_text("not a video at all " * 50) and str(d / "text.mp4"), "corrupt"),
+    ],
+)
+def test_bad_inputs_raise_media_error(tmp_path, make, reason):
+    with pytest.raises(MediaError) as err:
+        load_video(make(tmp_path))
+    assert err.value.reason == reason
+    assert isinstance(err.value, ValueError)
+
+
+def test_truncated_and_too_short(tmp_path, cuts):
+    data = open(cuts, "rb").read()
+    bad = tmp_path / "trunc.mp4"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError) as err:
+        load_video(str(bad))
+    assert err.value.reason == "corrupt"
+    short = synthetic.moving_shapes(tmp_path / "short.mp4", seconds=0.4, fps=10)
+    with pytest.raises(MediaError) as err:
+        load_video(short)
+    assert err.value.reason == "too_short"
+    with pytest.raises(MediaError):
+        load_video(b"")
+
+
+def test_frame_list(tmp_path):
+    paths = synthetic.write_frame_images(tmp_path, num_frames=8, every=4)
+    clip = load_video(paths, VideoOptions(fps=1.0))
+    assert clip.frame_indices == list(range(8)) and clip.timestamps == [float(i) for i in range(8)]
+    assert clip.frame_types[0] == SLOW and clip.frame_types[4] == SLOW and clip.frame_types[1] == FAST
+    with pytest.raises(MediaError) as err:
+        load_video([*paths[:2], str(tmp_path / "gone.jpg")], VideoOptions(fps=1.0))
+    assert err.value.reason == "missing"
+
+
+def test_load_image(tmp_path):
+    img = load_image(synthetic.write_image(tmp_path / "a.png", height=100, width=150))
+    assert img.mode == "RGB" and img.size == (140, 112)  # smart_resize rounds to multiples of 28
+    assert load_image(synthetic.write_image(tmp_path / "b.jpg"), resized_hw=(60, 90)).size == (84, 56)
+    small = load_image(synthetic.write_image(tmp_path / "c.png", height=20, width=20), min_pixels=56 * 56)
+    assert small.size == (56, 56)
+    rgba = load_image(synthetic.write_image(tmp_path / "d.png", height=56, width=56, mode="RGBA"))
+    assert np.asarray(rgba)[:, :20].min() == 255  # transparent half composited onto white
+    assert load_image(open(tmp_path / "a.png", "rb").read()).size == (140, 112)
+    assert load_image(Image.new("L", (28, 56))).mode == "RGB"
+
+
+@pytest.mark.parametrize("reason", ["missing", "empty", "corrupt", "too_large"])
+def test_load_image_errors(tmp_path, reason, monkeypatch):
+    path = tmp_path / "x.png"
+    if reason == "empty":
+        path.write_bytes(b"")
+    elif reason == "corrupt":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    elif reason == "too_large":
+        synthetic.write_image(path, height=64, width=64)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(MediaError) as err:
+        load_image(str(path))
+    assert err.value.reason == reason

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Benchmark ``data_pipelines.video_reader.load_video`` against keye-vl-utils' ``fetch_video``.
+
+Generates 720p and 1080p clips (cached in ``--workdir``), runs each reader in a fresh subprocess (so peak RSS is
+per run), checks that indices, timestamps, frame types and slow/fast sizes are identical, and prints seconds per
+video, the speed ratio and peak RSS. ``--long`` adds a 10-minute 1080p clip read by ours only (the original keeps
+every sampled frame at full resolution, several GB there).
+
+    python tools/bench_video.py [--workdir /tmp/keye_bench] [--seconds 30] [--repeat 3] [--long]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _worker(impl: str, path: str, include_pixels: bool) -> None:
+    """Read one video once and print a JSON result line (runs in its own process)."""
+    import numpy as np
+    from keye_vl_utils import fetch_video
+
+    from data_pipelines.video_reader import clip_pixels, load_video
+
+    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports (torch alone is large)
+    t0 = time.perf_counter()
+    if impl == "ref":
+        frames, kw = fetch_video({"video": path})
+        out = {
+            "frames": int(frames.shape[0]),
+            "timestamps": np.asarray(kw["timestamps"], np.float32).tolist(),
+            "frame_types": [int(t) for t in kw["frame_types"]],
+            "slow_hw": [kw["height"], kw["width"]],
+            "fast_hw": [kw["fast_height"], kw["fast_width"]],
+        }
+    else:
+        clip = load_video(path)
+        if include_pixels:
+            clip_pixels(clip)
+        out = {
+            "frames": clip.num_frames,
+            "timestamps": np.asarray(clip.timestamps, np.float32).tolist(),
+            "frame_types": clip.frame_types,
+            "slow_hw": list(clip.slow_hw),
+            "fast_hw": list(clip.fast_hw),
+        }
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["base_rss_mb"] = base_mb
+    print(json.dumps(out))
+
+
+def _run(impl: str, path: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", impl, path], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} on {path} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rss(runs: list[dict]) -> str:
+    peak = max(r["peak_rss_mb"] for r in runs)
+    extra = max(r["peak_rss_mb"] - r["base_rss_mb"] for r in runs)
+    return f"{peak:.0f} (+{extra:.0f})"
+
+
+def _make(workdir: str, name: str, seconds: float, fps: float, height: int, width: int) -> str:
+    from data_pipelines import synthetic
+
+    path = os.path.join(workdir, f"{name}.mp4")
+    if not os.path.exists(path):
+        t0 = time.perf_counter()
+        synthetic.scene_cuts(
+            path,
+            every=int(fps * 7),
+            num_frames=int(seconds * fps),
+            fps=fps,
+            height=height,
+            width=width,
+            preset="veryfast",
+        )
+        print(f"generated {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/keye_bench")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--long", action="store_true", help="also read a 10-minute 1080p clip (ours only)")
+    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args.worker[0], args.worker[1], include_pixels=False)
+        return 0
+    os.makedirs(args.workdir, exist_ok=True)
+    cases = [
+        ("720p", _make(args.workdir, f"bench_720p_{int(args.seconds)}s", args.seconds, args.fps, 720, 1280)),
+        ("1080p", _make(args.workdir, f"bench_1080p_{int(args.seconds)}s", args.seconds, args.fps, 1080, 1920)),
+    ]
+    print(f"cpu cores: {os.cpu_count()}, repeats: {args.repeat} (median)")
+    print("peak RSS in MB; +N is above the RSS right after imports")
+    print(f"{'video':8} {'ref s':>8} {'ours s':>8} {'ratio':>6} {'ref RSS':>14} {'ours RSS':>14}  identical")
+    failed = False
+    for label, path in cases:
+        runs: dict[str, list[dict]] = {"ref": [], "ours": []}
+        for _ in range(args.repeat):  # alternate so background load hits both alike
+            for impl in ("ref", "ours"):
+                runs[impl].append(_run(impl, path))
+        keys = ("frames", "timestamps", "frame_types", "slow_hw", "fast_hw")
+        same = all(runs["ref"][0][k] == runs["ours"][0][k] for k in keys)
+        failed |= not same
+        ref_s = statistics.median(r["seconds"] for r in runs["ref"])
+        our_s = statistics.median(r["seconds"] for r in runs["ours"])
+        ref_mb = max(r["peak_rss_mb"] for r in runs["ref"])
+        our_mb = max(r["peak_rss_mb"] for r in runs["ours"])
+        print(
+            f"{label:8} {ref_s:8.2f} {our_s:8.2f} {ref_s / our_s:5.1f}x {ref_mb:8.0f} {our_mb:8.0f}  {same}", flush=True
+        )
+    if args.long:
+        path = _make(args.workdir, "bench_1080p_600s", 600, 5.0, 1080, 1920)
+        r = _run("ours", path)
+        print(
+            f"10-min 1080p @5fps (ours only): {r['seconds']:.2f} s, {r['frames']} frames "
+            f"({sum(r['frame_types'])} fast), slow {r['slow_hw']}, fast {r['fast_hw']}, peak RSS {_rss([r])} MB"
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
