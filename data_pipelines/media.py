@@ -44,6 +44,7 @@ class VideoOptions:
     resized_height: int | None = None
     resized_width: int | None = None
     backend: str = "auto"  # "auto" (PyAV, then decord), "pyav" or "decord"
+    decode_threads: int = 1  # PyAV decoder threads; 1 is fastest per core (loader workers parallelise), 0 = auto
 
 
 @dataclass

@@ -31,7 +31,16 @@ from av.video.reformatter import VideoReformatter
 
 from .image_reader import load_image
 from .media import FAST, SLOW, MediaError, VideoClip, VideoOptions
-from .slowfast import SlowFastSelector, area, budget_sizes, count_types, max_slow_hw, resize_uint8, similarity_size
+from .slowfast import (
+    SlowFastSelector,
+    area,
+    budget_sizes,
+    count_types,
+    max_slow_hw,
+    resize_uint8,
+    similarity_size,
+    stack_uint8,
+)
 
 VideoSource = str | bytes | os.PathLike | Sequence[str]
 FrameIter = Iterator[tuple[int, np.ndarray]]  # (position among the sampled indices, uint8 [H, W, 3])
@@ -133,14 +142,18 @@ def _av_probe(source: str | bytes, label: str) -> tuple[VideoMeta, list[int]]:
     return VideoMeta(num_frames=len(pts), fps=fps, backend="pyav"), pts
 
 
-def _av_frames(source: str | bytes, label: str, pts: list[int], indices: list[int], seek: bool) -> FrameIter:
+def _av_frames(
+    source: str | bytes, label: str, pts: list[int], indices: list[int], seek: bool, threads: int = 1
+) -> FrameIter:
     """Decode the frames at ``indices`` (display order), skipping unsampled non-reference frames."""
     wanted = {pts[i]: pos for pos, i in enumerate(indices)}
     remaining = len(wanted)
     rgb = VideoReformatter()  # one swscale context for the whole clip (a fresh one per frame costs ~1 ms)
     with _av_open(source, label) as container:
         stream = _av_video_stream(container, label)
-        stream.thread_type = "AUTO"
+        if threads != 1:  # frame threads cost more than they give on a busy 2-core box (measured)
+            stream.thread_type = "AUTO"
+            stream.thread_count = threads
         codec = stream.codec_context
         try:
             if seek and indices[0] > 0:
@@ -200,7 +213,7 @@ def open_video(
     if backend in ("auto", "pyav"):
         try:
             meta, pts = _av_probe(src, label)
-            return meta, lambda idx: _av_frames(src, label, pts, idx, seek=windowed)
+            return meta, lambda idx: _av_frames(src, label, pts, idx, windowed, options.decode_threads)
         except MediaError as exc:
             if backend == "pyav" or exc.reason not in ("corrupt", "no_video", "empty"):
                 raise
@@ -249,12 +262,12 @@ class _FrameStore:
         if self.hw is None:
             self.hw = target
         elif 2 * area(target) <= area(self.hw):  # shrink what is held once the bound has halved
-            self.frames = [resize_uint8(f, target) for f in self.frames]
+            self.frames = [resize_uint8(f, target).contiguous() for f in self.frames]
             self.hw = target
-        self.frames.append(resize_uint8(frame, self.hw).contiguous())
+        self.frames.append(resize_uint8(frame, self.hw).contiguous())  # interpolate already returns contiguous CHW
 
     def stack(self, hw: tuple[int, int]) -> torch.Tensor:
-        frames = torch.stack(self.frames)
+        frames = stack_uint8(self.frames)
         self.frames = []
         if area(hw) < area(self.hw):
             frames = resize_uint8(frames, hw)

@@ -24,7 +24,16 @@ def test_json_lines_and_errors(video, tmp_path, capsys):
     lines = [json.loads(line) for line in out.strip().splitlines()]
     assert len(lines) == 2
     rec = lines[0]
-    assert list(rec) == ["path", "frames", "timestamps", "frame_types", "slow_hw", "fast_hw", "visual_tokens", "seconds"]
+    assert list(rec) == [
+        "path",
+        "frames",
+        "timestamps",
+        "frame_types",
+        "slow_hw",
+        "fast_hw",
+        "visual_tokens",
+        "seconds",
+    ]
     assert rec["path"] == video and rec["frames"] == 5 and len(rec["timestamps"]) == 5
     assert rec["timestamps"][0] == 0.0 and rec["frame_types"][0] == 0
     slow, fast = rec["slow_hw"], rec["fast_hw"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -90,7 +92,7 @@ def test_decord_backend_same_result(cuts):
 
 def test_wrong_extension_is_read_by_content(cuts, tmp_path):
     other = tmp_path / "clip.avi"
-    other.write_bytes(open(cuts, "rb").read())
+    other.write_bytes(Path(cuts).read_bytes())
     assert load_video(str(other)).frame_types == load_video(cuts).frame_types
 
 
@@ -110,7 +112,7 @@ def test_bad_inputs_raise_media_error(tmp_path, make, reason):
 
 
 def test_truncated_and_too_short(tmp_path, cuts):
-    data = open(cuts, "rb").read()
+    data = Path(cuts).read_bytes()
     bad = tmp_path / "trunc.mp4"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(MediaError) as err:
@@ -142,7 +144,7 @@ def test_load_image(tmp_path):
     assert small.size == (56, 56)
     rgba = load_image(synthetic.write_image(tmp_path / "d.png", height=56, width=56, mode="RGBA"))
     assert np.asarray(rgba)[:, :20].min() == 255  # transparent half composited onto white
-    assert load_image(open(tmp_path / "a.png", "rb").read()).size == (140, 112)
+    assert load_image((tmp_path / "a.png").read_bytes()).size == (140, 112)
     assert load_image(Image.new("L", (28, 56))).mode == "RGB"
 
 
