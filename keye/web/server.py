@@ -188,6 +188,21 @@ class WebDemo:
         self.uploads.close()
 
 
+class _Body:
+    """The request body with a count of unread bytes, so an error reply can drain exactly what is left."""
+
+    def __init__(self, rfile, length: int) -> None:
+        self._rfile = rfile
+        self.remaining = length
+
+    def read(self, n: int) -> bytes:
+        chunk = self._rfile.read(min(n, self.remaining)) if self.remaining > 0 else b""
+        self.remaining -= len(chunk)
+        if not chunk:
+            self.remaining = 0
+        return chunk
+
+
 class ClientGone(Exception):
     """The browser went away mid-stream; raised from the streamer callback to stop ``generate``."""
 
@@ -226,13 +241,11 @@ def make_handler(demo: WebDemo) -> type[BaseHTTPRequestHandler]:
                 raise ClientGone() from exc
 
         def _discard_body(self) -> None:
-            """Read what the client sends so it sees our error instead of a reset (bounded, then give up)."""
-            remaining = min(int(self.headers.get("Content-Length") or 0), 4 * demo.uploads.max_bytes)
-            while remaining > 0:
-                chunk = self.rfile.read(min(remaining, 1 << 16))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
+            """Read what the client still sends so it sees our error instead of a reset (bounded, then give up)."""
+            body = getattr(self, "_body", None)
+            if body is not None and body.remaining <= 4 * demo.uploads.max_bytes:
+                while body.read(1 << 16):
+                    pass
             self.close_connection = True
 
         def _length(self) -> int:
@@ -240,9 +253,13 @@ def make_handler(demo: WebDemo) -> type[BaseHTTPRequestHandler]:
             if raw is None:
                 raise WebError(411, "length_required", "send a Content-Length header")
             try:
-                return int(raw)
+                length = int(raw)
             except ValueError:
                 raise WebError(400, "bad_request", f"Content-Length must be an integer, got {raw!r}") from None
+            if length < 0:
+                raise WebError(400, "bad_request", f"Content-Length must not be negative, got {length}")
+            self._body = _Body(self.rfile, length)
+            return length
 
         # --- routes --------------------------------------------------------------------------------------
         def do_GET(self) -> None:  # noqa: N802 (stdlib name)
@@ -261,6 +278,7 @@ def make_handler(demo: WebDemo) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802 (stdlib name)
             path = urlsplit(self.path).path
+            self._body = None
             try:
                 if path == "/api/upload":
                     self._upload()
@@ -271,11 +289,15 @@ def make_handler(demo: WebDemo) -> type[BaseHTTPRequestHandler]:
             except WebError as err:
                 self._discard_body()
                 self._error(err)
+            except Exception as exc:  # before any stream started: a JSON 500 rather than a dropped connection
+                log.exception("request failed")
+                self._discard_body()
+                self._json(500, {"error": f"internal error: {exc}", "reason": "internal"})
 
         def _upload(self) -> None:
             length = self._length()
             name = unquote(self.headers.get("X-Filename", "")) or "upload"
-            media_id, item = demo.uploads.add(self.rfile, length, name)
+            media_id, item = demo.uploads.add(self._body, length, name)
             self._json(200, {"media_id": media_id, "kind": item.kind, "name": item.name, "size": item.size})
 
         def _generate(self) -> None:
@@ -283,7 +305,7 @@ def make_handler(demo: WebDemo) -> type[BaseHTTPRequestHandler]:
             if length > MAX_JSON_BYTES:
                 raise WebError(413, "too_large", f"request body is {length} bytes; the limit is {MAX_JSON_BYTES}")
             try:
-                body = json.loads(self.rfile.read(length) or b"null")
+                body = json.loads(self._body.read(length) or b"null")
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise WebError(400, "bad_json", f"the request body is not JSON: {exc}") from None
             req = parse_generate(body, demo.max_new_tokens)
