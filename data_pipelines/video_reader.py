@@ -39,7 +39,6 @@ from .slowfast import (
     max_slow_hw,
     resize_uint8,
     similarity_size,
-    stack_uint8,
 )
 
 VideoSource = str | bytes | os.PathLike | Sequence[str]
@@ -267,11 +266,14 @@ class _FrameStore:
         self.frames.append(resize_uint8(frame, self.hw).contiguous())  # interpolate already returns contiguous CHW
 
     def stack(self, hw: tuple[int, int]) -> torch.Tensor:
-        frames = stack_uint8(self.frames)
+        """All frames as one ``[T, 3, h, w]`` tensor, shrunk to ``hw`` if smaller, releasing each as it is copied."""
+        target = hw if area(hw) < area(self.hw) else self.hw
+        out = np.empty((len(self.frames), 3, *target), np.uint8)
+        for i, frame in enumerate(self.frames):
+            out[i] = resize_uint8(frame, target).numpy()
+            self.frames[i] = None
         self.frames = []
-        if area(hw) < area(self.hw):
-            frames = resize_uint8(frames, hw)
-        return frames.contiguous()
+        return torch.from_numpy(out)
 
 
 def _assemble(

@@ -106,3 +106,7 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     video_mcq: VideoMCQConfig = field(default_factory=VideoMCQConfig)
     progress: bool = True
+    # Thyme tool use (engine 'keye'): <code> blocks run in the sandbox and their output is fed back. tool_options
+    # are keye.thyme.ToolLoopConfig fields over its evaluation() defaults, plus thyme_prompt (default true).
+    tools: bool = False
+    tool_options: dict[str, Any] = field(default_factory=dict)

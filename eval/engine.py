@@ -63,16 +63,42 @@ def resolve_factory(spec: str) -> Any:
 
 def load_engine(cfg: EvalConfig) -> Any:
     """The engine ``cfg`` names; the returned object also carries the settings it expects via :func:`settings_for`."""
+    if cfg.tools and cfg.engine != "keye":
+        raise ValueError(f"tools=true needs engine 'keye', got engine {cfg.engine!r}")
     if cfg.engine == "keye":
         if not cfg.model:
             raise ValueError("engine 'keye' needs --model DIR (a Keye checkpoint directory)")
         from keye.inference import ChatEngine
 
-        return ChatEngine.from_pretrained(cfg.model, media=media_dict(cfg.media), device=cfg.device)
+        loop_cfg = tool_loop_config(cfg.tool_options) if cfg.tools else None  # a bad option fails before loading
+        engine = ChatEngine.from_pretrained(cfg.model, media=media_dict(cfg.media), device=cfg.device)
+        if loop_cfg is None:
+            return engine
+        from keye.thyme import ToolChatEngine
+
+        return ToolChatEngine(engine, loop_cfg[0], thyme_prompt=loop_cfg[1])
     engine = resolve_factory(cfg.engine)(cfg)
     if not callable(getattr(engine, "generate", None)):
         raise ValueError(f"engine factory {cfg.engine!r} returned {type(engine).__name__}, which has no generate()")
     return engine
+
+
+def tool_loop_config(options: dict[str, Any]) -> tuple[Any, bool]:
+    """(``ToolLoopConfig`` = evaluation defaults + ``options``, whether to use Thyme's prompt format)."""
+    from keye.thyme import ToolLoopConfig
+    from keye.typed_config import from_dict, to_dict
+
+    opts = dict(options)
+    thyme_prompt = opts.pop("thyme_prompt", True)
+    if not isinstance(thyme_prompt, bool):
+        raise ValueError(f"tool_options.thyme_prompt must be true or false, got {thyme_prompt!r}")
+    base = to_dict(ToolLoopConfig.evaluation())
+    for key, value in opts.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return from_dict(ToolLoopConfig, base, "tool_options"), thyme_prompt
 
 
 def settings_for(cfg: EvalConfig, gen: GenerationConfig | None = None) -> Any:

@@ -211,11 +211,16 @@ def _run(cfg: EvalConfig, engine: Any, dist: Dist) -> dict[str, Any] | None:
     pred_path = out / (PREDICTIONS if dist.world == 1 else f"predictions.rank{dist.rank}.jsonl")
 
     judge = None
+    owned = engine is None and bool(todo)  # an engine loaded here is closed here (the tool engine's sandbox)
     if todo:  # models load before the clock starts: throughput is generation (and judging) only
         engine = engine if engine is not None else load_engine(cfg)
         judge = make_judge(cfg)
     t0 = time.perf_counter()
-    new_records, errors = generate_shard(todo, benches, cfg, engine, judge, pred_path, dist)
+    try:
+        new_records, errors = generate_shard(todo, benches, cfg, engine, judge, pred_path, dist)
+    finally:
+        if owned and callable(getattr(engine, "close", None)):
+            engine.close()
     elapsed = time.perf_counter() - t0
     mine_done = [done[(s.bench, s.id)] for s in mine if (s.bench, s.id) in done]
 

@@ -21,6 +21,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from keye.sequence_parallel import ulysses_attention
+
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
 ATTN_IMPLEMENTATION = "keye_varlen"  # the name registered with transformers' AttentionInterface
 
@@ -157,18 +159,29 @@ def keye_attention_forward(
     q = query.transpose(1, 2).reshape(bsz * length, n_heads, head_dim)
     k = key.transpose(1, 2).reshape(bsz * length, key.shape[1], head_dim)
     v = value.transpose(1, 2).reshape(bsz * length, value.shape[1], head_dim)
-    backend = getattr(module.config, "keye_attn_backend", "auto")
-    out = varlen_attention(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        kwargs.get("max_length_q"),
-        causal=True,
-        scale=scaling,
-        backend=backend,
-        seq_lens=kwargs.get("keye_seq_lens"),
-    )
+    backend = kwargs.get("keye_attn_backend") or getattr(module.config, "keye_attn_backend", "auto")
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return varlen_attention(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            kwargs.get("max_length_q"),
+            causal=True,
+            scale=scaling,
+            backend=backend,
+            seq_lens=kwargs.get("keye_seq_lens"),
+        )
+
+    # --- Ulysses sequence parallelism: q/k/v hold this rank's slice of one row (keye/sequence_parallel.py) ---
+    sp_group = kwargs.get("keye_sp_group")
+    if sp_group is not None:
+        if bsz != 1:
+            raise ValueError(f"sequence-parallel attention takes one packed row, got {bsz}")
+        out = ulysses_attention(q, k, v, sp_group, attend)
+    else:
+        out = attend(q, k, v)
     return out.view(bsz, length, n_heads, head_dim), None
 
 

@@ -22,6 +22,7 @@ from keye.attention import ATTN_IMPLEMENTATION, register_with_transformers
 from keye.configuration import KeyeVLConfig
 from keye.loss import chunked_cross_entropy
 from keye.rope import MultimodalRotaryEmbedding, VisionRotaryEmbedding, multimodal_position_ids, split_frames
+from keye.sequence_parallel import SequenceShard, shifted_cross_entropy
 from keye.vision import KeyeProjector, KeyeVisionModel
 
 register_with_transformers()
@@ -57,9 +58,18 @@ class KeyeTextModel(Qwen3Model):
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
         attn_backend: str = "auto",
+        sp_group: torch.distributed.ProcessGroup | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """``position_ids``: ``[3, B, L]`` (or ``[B, L]`` for text). ``cu_seqlens``: segment offsets of packed rows."""
+        """``position_ids``: ``[3, B, L]`` (or ``[B, L]`` for text). ``cu_seqlens``: segment offsets of packed rows.
+
+        ``sp_group``: the inputs are this rank's slice of one packed row (``cu_seqlens`` is the whole row's) and
+        attention runs Ulysses-style over the group (``keye.sequence_parallel``).
+        """
+        if sp_group is not None:  # --- Ulysses sequence parallelism ---
+            if cu_seqlens is None or position_ids is None:
+                raise ValueError("sequence-parallel inputs need the row's cu_seqlens and the slice's position_ids")
+            kwargs["keye_sp_group"] = sp_group
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -290,6 +300,8 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
         always_run_vision: bool = False,
         return_logits: bool | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        sequence_parallel: SequenceShard | None = None,
         **kwargs,
     ) -> KeyeVLOutput:
         """Shapes: ``input_ids`` ``[B, L]``; ``pixel_values`` ``[N, 3·14·14]`` with ``image_grid_thw`` ``[n, 3]``
@@ -299,9 +311,20 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         With ``labels`` the loss is a chunked cross-entropy over label tokens (logits of a long row are never
         materialised in full); it is a mean, or a sum divided by ``num_items_in_batch`` when given (the
         trainer's global label-token count). Logits are returned unless ``return_logits=False`` (the default
-        when labels are given).
+        when labels are given). ``shift_labels`` are next-token targets already shifted (instead of ``labels``).
+
+        ``sequence_parallel`` (from ``keye.sequence_parallel.ShardedBatch.model_inputs``): ``input_ids``,
+        ``position_ids`` and ``shift_labels`` are this rank's slice of one packed row; visual inputs and
+        ``cu_seqlens`` are the whole row's. The loss is the row's (summed over the SP group).
         """
-        if inputs_embeds is None:
+        sp = sequence_parallel
+        if sp is not None and labels is not None:
+            raise ValueError("sequence-parallel inputs carry shift_labels (shifted on the full row), not labels")
+        if inputs_embeds is None and sp is not None:  # --- Ulysses sequence parallelism ---
+            inputs_embeds = sp.embed(
+                self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, always_run_vision
+            )
+        elif inputs_embeds is None:
             inputs_embeds = self.embed_inputs(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, always_run_vision
             )
@@ -319,16 +342,21 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             cu_seqlens=cu_seqlens,
             attn_backend=self.config.attn_backend,
+            sp_group=sp.group if sp is not None else None,
             **kwargs,
         )
         hidden = out.last_hidden_state
         loss = n_label = None
-        if labels is not None:
-            loss_sum, n_label = chunked_cross_entropy(hidden, self.lm_head.weight, labels, cu_seqlens=cu_seqlens)
+        if labels is not None or shift_labels is not None:
+            if labels is not None:
+                loss_sum, n_label = chunked_cross_entropy(hidden, self.lm_head.weight, labels, cu_seqlens=cu_seqlens)
+            else:
+                group = sp.group if sp is not None else None
+                loss_sum, n_label = shifted_cross_entropy(hidden, self.lm_head.weight, shift_labels, group)
             denom = num_items_in_batch if num_items_in_batch is not None else n_label.clamp(min=1)
             loss = loss_sum / denom
         if return_logits is None:
-            return_logits = labels is None
+            return_logits = labels is None and shift_labels is None
         logits = None
         if return_logits:
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)

@@ -207,9 +207,22 @@ class KeyeVLProcessor:
         media_root: str | Path | None = None,
         sample_id: str = "",
         source: str = "",
+        continue_final_message: bool = False,
     ) -> EncodedSample:
-        """Tokenise one conversation; images/videos are paths (under ``media_root``), bytes, PIL or VideoClip."""
+        """Tokenise one conversation; images/videos are paths (under ``media_root``), bytes, PIL or VideoClip.
+
+        ``continue_final_message``: leave the last (assistant) turn open, without ``<|im_end|>``, so generation
+        continues inside it (the Thyme tool loop splices sandbox output into the same assistant turn).
+        """
         msgs = _with_mode(normalize_messages(messages), mode)
+        # --- continue_final_message (owned by the Thyme tool loop) ---
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt exclude each other")
+            if not msgs or msgs[-1]["role"] != "assistant":
+                found = msgs[-1]["role"] if msgs else "no messages"
+                raise ValueError(f"continue_final_message needs an assistant turn last, found {found}")
+        # --- end continue_final_message ---
         if not msgs or msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": [{"type": "text", "text": self.config.system_prompt}]})
         ids: list[int] = []
@@ -220,7 +233,7 @@ class KeyeVLProcessor:
             ids.extend(piece)
             labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
 
-        for msg in msgs:
+        for n_msg, msg in enumerate(msgs):
             assistant = msg["role"] == "assistant"
             emit(self._ids(f"<|im_start|>{msg['role']}\n"), False)
             turn_start = len(ids)
@@ -254,6 +267,8 @@ class KeyeVLProcessor:
             if assistant and self.config.thyme_final_round_only and len(sandbox_ends) >= 2:
                 # Thyme SFT: only the final code round and the answer are supervised.
                 labels[turn_start : sandbox_ends[-2]] = [IGNORE_INDEX] * (sandbox_ends[-2] - turn_start)
+            if continue_final_message and n_msg == len(msgs) - 1:
+                break  # the open assistant turn: no <|im_end|>
             emit(self._ids("<|im_end|>"), assistant)
             emit(self._ids("\n"), False)
         if add_generation_prompt:

@@ -122,10 +122,9 @@ def main() -> int:
         failed |= not same
         ref_s = statistics.median(r["seconds"] for r in runs["ref"])
         our_s = statistics.median(r["seconds"] for r in runs["ours"])
-        ref_mb = max(r["peak_rss_mb"] for r in runs["ref"])
-        our_mb = max(r["peak_rss_mb"] for r in runs["ours"])
+        ref_mb, our_mb = _rss(runs["ref"]), _rss(runs["ours"])
         print(
-            f"{label:8} {ref_s:8.2f} {our_s:8.2f} {ref_s / our_s:5.1f}x {ref_mb:8.0f} {our_mb:8.0f}  {same}", flush=True
+            f"{label:8} {ref_s:8.2f} {our_s:8.2f} {ref_s / our_s:5.1f}x {ref_mb:>14} {our_mb:>14}  {same}", flush=True
         )
     if args.long:
         path = _make(args.workdir, "bench_1080p_600s", 600, 5.0, 1080, 1920)

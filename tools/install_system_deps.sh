@@ -4,6 +4,7 @@
 set -euo pipefail
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)      # Thyme sandbox isolation (network/mount namespaces)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)       # web demo test: Playwright drives Debian's Chromium
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing system packages: ${need[*]}"

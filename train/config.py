@@ -1,160 +1,205 @@
-"""The schema of one training run (pretraining stage or SFT): dataclasses filled from YAML + ``key=value`` overrides.
+"""The typed run config of ``keye train``: one dataclass tree, filled from a YAML file plus ``key=value`` overrides.
 
-One ``RunConfig`` per run; it is saved as ``config.yaml`` in the output directory and beside every exported
-checkpoint, so a run can be reproduced from its artefacts. Unknown keys and wrong types are errors that name the
-key and the file (``keye.typed_config``).
+Loaded with ``keye.typed_config`` so an unknown or mistyped key names itself and the file; saved next to every
+checkpoint so a run can be reproduced (and resumed) from its output directory alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from keye.typed_config import ConfigError, load_config
 
-PARTS = ("vision", "projector", "llm")
-PRECISIONS = ("auto", "bf16", "fp32")
-SCHEDULES = ("cosine", "linear", "constant")
+MODULES = ("vit", "projector", "llm")
+SCHEDULES = ("cosine", "wsd", "constant")
+OBJECTIVES = ("lm", "siglip")
+
+
+@dataclass
+class ModelInit:
+    """Where the weights come from: an HF-format checkpoint (``path``) or a model YAML for a fresh model."""
+
+    path: str | None = None
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)  # model-config overrides, e.g. rope theta for annealing
+    attn_backend: str | None = None  # None keeps the checkpoint's choice (auto = flash-attn when installed)
 
 
 @dataclass
 class SourceConfig:
-    """One shard source to mix (``shards``: directory, brace pattern, glob or ``manifest.json``)."""
-
     name: str = "default"
-    shards: str = ""
+    shards: list[str] = field(default_factory=list)  # brace patterns, globs, directories or manifest.json
     weight: float = 1.0
 
 
 @dataclass
 class DataConfig:
-    """Shards → decode → chat template → packed rows of ``seq_len`` tokens."""
-
     sources: list[SourceConfig] = field(default_factory=list)
-    seq_len: int = 8192
-    truncate: bool = True  # cut over-long samples before a visual block (else skip them)
-    lookahead: int = 16  # packer's best-fit buffer
+    max_seq_len: int = 8192
+    truncate: bool = True
+    lookahead: int = 16
+    pad_to_multiple_of: int | None = None
+    shuffle: bool = True
     shuffle_buffer: int = 1000
-    num_workers: int = 4  # dataloader worker processes per rank
-    prefetch_factor: int = 2
-    mode: str | None = None  # reasoning mode for records without one (think, no_think, auto)
-    # processor budgets (None keeps the checkpoint processor's value)
+    epochs: int | None = None  # None cycles the sources forever (max_steps ends the run)
+    mode: str | None = None  # reasoning mode passed to the processor (think / no_think / auto)
     image_min_pixels: int | None = None
     image_max_pixels: int | None = None
-    video_fps: float | None = None
-    video_max_frames: int | None = None
-    video_max_pixels: int | None = None
-    video_total_pixels: int | None = None
-
-
-@dataclass
-class ModelConfig:
-    """Where the weights come from and what trains.
-
-    ``init``: an HF-format checkpoint directory (``keye init`` writes one); ``config``: a model YAML for a random
-    model (tests, smoke runs). ``trainable`` lists parts among vision, projector, llm (stage 1: projector only).
-    """
-
-    init: str | None = None
-    config: str | None = None
-    config_overrides: list[str] = field(default_factory=list)
-    trainable: list[str] = field(default_factory=lambda: list(PARTS))
-    rope_theta: float | None = None  # stage 3 anneals 1M → 8M
-    max_position_embeddings: int | None = None
-    attn_backend: str | None = None  # auto, flash_attn, torch_varlen, sdpa
-    gradient_checkpointing: bool = False
+    video: dict[str, Any] = field(default_factory=dict)  # VideoOptions overrides (fps, max_frames, …)
+    num_workers: int = 0  # dataloader processes decoding media; their states are checkpointed per worker
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    vision_lr_scale: float = 1.0  # per-part learning-rate multipliers
-    projector_lr_scale: float = 1.0
-    llm_lr_scale: float = 1.0
+    """AdamW with one learning rate per module; ``None`` means ``lr``."""
+
+    lr: float = 1e-4
+    vit_lr: float | None = None
+    projector_lr: float | None = None
+    llm_lr: float | None = None
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr × min_lr_ratio
     grad_clip: float = 1.0
 
 
 @dataclass
-class LogConfig:
-    every: int = 10  # optimizer steps between metric lines (the only host syncs of the step loop)
-    wandb: str = "offline"  # online, offline or disabled; the WANDB_MODE environment variable wins
-    project: str = "keye"
-    run_name: str | None = None
-    progress: bool = True  # tqdm bar on rank 0
+class ScheduleConfig:
+    """``cosine``: warmup then cosine to ``min_lr_ratio``; ``wsd``: warmup, stable, then a linear decay over the
+    last ``decay_ratio`` of the steps; ``constant``: warmup then flat."""
+
+    kind: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    decay_ratio: float = 0.1
 
 
 @dataclass
-class RunConfig:
-    """One training run. ``steps`` counts optimizer steps; each is ``grad_accum`` packed rows per rank."""
+class ActivationCheckpointing:
+    vit: bool = False
+    llm: bool = False
 
-    stage: str = "sft"  # a name for logs and checkpoints (pretrain_stage1 … sft)
-    out_dir: str = "runs/keye"
-    steps: int = 1000
-    grad_accum: int = 1
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    zero_stage: int = 2
-    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config keys, merged over the generated ones
-    save_every: int = 500
-    keep_last: int = 2  # DeepSpeed checkpoints kept (each holds optimizer states; exports are kept)
-    resume: str | None = "auto"  # auto: latest checkpoint in out_dir if any; a path; or null
-    export_hf: bool = True  # write an HF-format model + processor at the end
-    model: ModelConfig = field(default_factory=ModelConfig)
+
+@dataclass
+class DistributedConfig:
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # relative paths resolve against the repository root
+    zero_stage: int | None = None  # overrides the file's zero_optimization.stage
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+    sequence_parallel_size: int = 1
+    timeout_minutes: int = 30
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    export_hf: bool = True  # also write an HF-format model + processor beside each checkpoint
+    resume: bool = True  # continue from the newest complete checkpoint in output_dir
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    progress: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled | none
+    project: str = "keye"
+    name: str | None = None
+
+
+@dataclass
+class SiglipConfig:
+    """Stage 0: the ViT against a SigLIP text tower with the sigmoid loss."""
+
+    text_tower: str | None = None  # local SiglipTextModel checkpoint (with its tokenizer)
+    text_config: dict[str, Any] = field(default_factory=dict)  # a fresh SiglipTextConfig when no text_tower
+    pooling: str = "mean"  # mean | attention
+    batch_size: int = 8  # image–caption pairs per micro-batch
+    max_text_len: int = 64
+    init_logit_scale: float = 2.302585  # log(10), as in SigLIP
+    init_logit_bias: float = -10.0
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "train"  # a name for logs and the export (stage0, stage1, sft, …)
+    objective: str = "lm"  # lm: next-token CE; siglip: stage-0 contrastive
+    output_dir: str = "runs/train"
+    model: ModelInit = field(default_factory=ModelInit)
     data: DataConfig = field(default_factory=DataConfig)
+    micro_batch_rows: int = 1  # packed rows per micro-batch (concatenated into one varlen row)
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    seed: int = 0
+    freeze: list[str] = field(default_factory=list)  # any of vit, projector, llm
     optim: OptimConfig = field(default_factory=OptimConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    activation_checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    siglip: SiglipConfig = field(default_factory=SiglipConfig)
+    max_nonfinite_steps: int = 3  # abort after this many non-finite steps in a row
 
 
-def validate(cfg: RunConfig, source: str = "config") -> RunConfig:
-    """Value checks OmegaConf's type checks cannot express; errors name the key."""
-
-    def bad(key: str, expected: str, found) -> ConfigError:
+def _check(cfg: TrainConfig, source: str) -> None:
+    def bad(key: str, expected: str, found: Any) -> ConfigError:
         return ConfigError(f"{source}: key '{key}': expected {expected}, found {found!r}")
 
-    unknown = [p for p in cfg.model.trainable if p not in PARTS]
-    if unknown or not cfg.model.trainable:
-        raise bad("model.trainable", f"a non-empty subset of {list(PARTS)}", cfg.model.trainable)
-    if (cfg.model.init is None) == (cfg.model.config is None):
-        raise bad("model.init / model.config", "exactly one of them set", (cfg.model.init, cfg.model.config))
-    if cfg.precision not in PRECISIONS:
-        raise bad("precision", f"one of {PRECISIONS}", cfg.precision)
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise bad("zero_stage", "0, 1, 2 or 3", cfg.zero_stage)
-    if cfg.optim.schedule not in SCHEDULES:
-        raise bad("optim.schedule", f"one of {SCHEDULES}", cfg.optim.schedule)
-    if len(cfg.optim.betas) != 2:
-        raise bad("optim.betas", "two numbers", cfg.optim.betas)
-    for key in ("steps", "grad_accum", "save_every", "log.every", "data.seq_len", "keep_last"):
-        obj = cfg
+    if cfg.objective not in OBJECTIVES:
+        raise bad("objective", f"one of {OBJECTIVES}", cfg.objective)
+    if bool(cfg.model.path) == bool(cfg.model.config):
+        raise bad("model", "exactly one of model.path (HF checkpoint) or model.config (model YAML)", cfg.model)
+    unknown = [m for m in cfg.freeze if m not in MODULES]
+    if unknown:
+        raise bad("freeze", f"a list of {MODULES}", cfg.freeze)
+    if len(set(cfg.freeze)) == len(MODULES) and cfg.objective == "lm":
+        raise bad("freeze", "at least one trainable module", cfg.freeze)
+    if cfg.schedule.kind not in SCHEDULES:
+        raise bad("schedule.kind", f"one of {SCHEDULES}", cfg.schedule.kind)
+    if cfg.distributed.precision not in ("auto", "bf16", "fp32"):
+        raise bad("distributed.precision", "auto, bf16 or fp32", cfg.distributed.precision)
+    if cfg.distributed.zero_stage not in (None, 0, 1, 2, 3):
+        raise bad("distributed.zero_stage", "0, 1, 2 or 3", cfg.distributed.zero_stage)
+    if cfg.wandb.mode not in ("offline", "online", "disabled", "none"):
+        raise bad("wandb.mode", "offline, online, disabled or none", cfg.wandb.mode)
+    if cfg.siglip.pooling not in ("mean", "attention"):
+        raise bad("siglip.pooling", "mean or attention", cfg.siglip.pooling)
+    for key in ("max_steps", "grad_accum_steps", "micro_batch_rows", "checkpoint.every_steps", "logging.every_steps"):
+        obj: Any = cfg
         for part in key.split("."):
             obj = getattr(obj, part)
         if obj < 1:
             raise bad(key, "an integer >= 1", obj)
     if not cfg.data.sources:
-        raise bad("data.sources", "at least one {name, shards, weight} source", cfg.data.sources)
-    names = [s.name for s in cfg.data.sources]
-    if len(set(names)) != len(names):
-        raise bad("data.sources[].name", "unique names", names)
-    for i, s in enumerate(cfg.data.sources):
-        if not s.shards:
-            raise bad(f"data.sources[{i}].shards", "a shard path, pattern or manifest", s.shards)
-        if not s.weight > 0:
-            raise bad(f"data.sources[{i}].weight", "a number > 0", s.weight)
-    if cfg.data.mode not in (None, "think", "no_think", "auto"):
-        raise bad("data.mode", "think, no_think, auto or null", cfg.data.mode)
-    if cfg.log.wandb not in ("online", "offline", "disabled"):
-        raise bad("log.wandb", "online, offline or disabled", cfg.log.wandb)
+        raise bad("data.sources", "at least one source with shards", cfg.data.sources)
+    for i, src in enumerate(cfg.data.sources):
+        if not src.shards:
+            raise bad(f"data.sources[{i}].shards", "a non-empty list of shard patterns", src.shards)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """The run config from a YAML file plus ``key=value`` overrides, checked for values the schema cannot type."""
+    cfg = load_config(TrainConfig, path, overrides)
+    _check(cfg, f"{path}{' + overrides' if overrides else ''}")
     return cfg
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """``RunConfig`` from a YAML file (``_base_`` allowed) plus ``key.sub=value`` overrides, validated."""
-    cfg = load_config(RunConfig, path, overrides)
-    source = f"{path}{' + overrides' if overrides else ''}" if path else "overrides"
-    return validate(cfg, source)
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str) -> str:
+    """A path as given if it exists, else relative to the repository root (for shipped configs)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return str(p)
+    alt = repo_root() / p
+    return str(alt) if alt.exists() else str(p)

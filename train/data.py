@@ -1,120 +1,220 @@
-"""The training input stream: shards → (record, media) → ``EncodedSample`` → packed rows, resumable per rank.
+"""Training data per rank: shards → records with media bytes → ``EncodedSample`` → packed rows → micro-batches.
 
-Each rank reads a disjoint slice of the shards (``ShardStream`` splits by rank and dataloader worker); decoding,
-the chat template and packing run in the dataloader workers. A sample whose media cannot be decoded or whose
-record cannot be encoded is skipped and counted (``map_error/…``); the counts travel inside the loader state and
-are read back with :func:`data_stats` at logging intervals.
+Every stage is resumable: the reader and packer states (one per rank, one per dataloader worker) go into each
+checkpoint, so a restarted run sees exactly the rows it would have seen. A sample that fails to decode is
+counted and skipped, never fatal.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import logging
 from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from torchdata.stateful_dataloader import StatefulDataLoader
+import torch
 
-from data_pipelines.media import MediaError
 from data_pipelines.packing import Packer
-from data_pipelines.reader import MappedStream, Sample, ShardStream, SourceSpec
-from keye.encoded import EncodedSample
+from data_pipelines.reader import MappedStream, ShardStream, SourceSpec
+from keye.encoded import IGNORE_INDEX, EncodedSample, PackedBatch
+from keye.loss import shift_labels
 from keye.processing import KeyeVLProcessor
-from train.config import DataConfig
+from train.config import DataConfig, resolve_path
+
+log = logging.getLogger(__name__)
 
 
-def _bind_media(content: Any, media: dict[str, bytes]) -> Any:
-    """The message content with shard member names replaced by the members' bytes."""
-    if not isinstance(content, list):
-        return content
-    out = []
-    for item in content:
-        kind = item.get("type")
-        if kind in ("image", "video"):
-            ref = item.get(kind)
-            item = dict(item)
-            item[kind] = [media[n] for n in ref] if isinstance(ref, list) else media[ref]
-        out.append(item)
-    return out
+def with_media_bytes(record: dict[str, Any], media: dict[str, bytes]) -> list[dict]:
+    """The record's messages with member names replaced by the member bytes (frame lists become lists of bytes)."""
+    where = f"record {record.get('id')!r}"
+
+    def member(name: Any) -> bytes:
+        if not isinstance(name, str) or name not in media:
+            raise ValueError(f"{where}: media member {name!r} not in the sample (members: {sorted(media)})")
+        return media[name]
+
+    messages = []
+    for msg in record.get("messages") or []:
+        content = msg.get("content")
+        if isinstance(content, list):
+            items = []
+            for item in content:
+                kind = item.get("type")
+                if kind in ("image", "video"):
+                    ref = item[kind]
+                    item = {**item, kind: [member(n) for n in ref] if isinstance(ref, list) else member(ref)}
+                items.append(item)
+            msg = {**msg, "content": items}
+        messages.append(msg)
+    if not messages:
+        raise ValueError(f"{where}: no messages")
+    return messages
 
 
-class ShardEncoder:
-    """``(record, media)`` from a shard → ``EncodedSample`` (picklable, so it runs in dataloader workers)."""
+def make_encoder(processor: KeyeVLProcessor, mode: str | None) -> Callable[[tuple[dict, dict]], EncodedSample]:
+    """``(record, media) -> EncodedSample``; raises ValueError (counted, skipped) for unusable samples."""
 
-    __name__ = "ShardEncoder"
-
-    def __init__(self, processor: KeyeVLProcessor, default_mode: str | None = None) -> None:
-        self.processor, self.default_mode = processor, default_mode
-
-    def __call__(self, sample: Sample) -> EncodedSample:
+    def encode(sample: tuple[dict, dict]) -> EncodedSample:
         record, media = sample
-        rid = str(record.get("id", "?"))
-        try:
-            messages = [{**m, "content": _bind_media(m.get("content"), media)} for m in record["messages"]]
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"record {rid!r}: messages do not follow the sample schema ({exc!r})") from None
-        return self.processor.encode_conversation(
+        messages = with_media_bytes(record, media)
+        out = processor.encode_conversation(
             messages,
-            mode=record.get("mode") or self.default_mode,
-            sample_id=rid,
+            mode=record.get("mode", mode),
+            sample_id=str(record.get("id", "")),
             source=str(record.get("source", "")),
         )
+        if out.num_label_tokens == 0:
+            raise ValueError(f"record {record.get('id')!r}: no assistant tokens to train on")
+        return out
+
+    return encode
 
 
-def configure_processor(processor: KeyeVLProcessor, data: DataConfig) -> KeyeVLProcessor:
-    """A copy of ``processor`` with the pixel budgets set in ``data`` (unset keys keep the checkpoint's)."""
-    cfg = copy.deepcopy(processor.config)
-    if data.image_min_pixels is not None:
-        cfg.min_pixels = data.image_min_pixels
-    if data.image_max_pixels is not None:
-        cfg.max_pixels = data.image_max_pixels
-    video = {
-        "fps": data.video_fps,
-        "max_frames": data.video_max_frames,
-        "max_pixels": data.video_max_pixels,
-        "video_total_pixels": data.video_total_pixels,
-    }
-    cfg.video = dataclasses.replace(cfg.video, **{k: v for k, v in video.items() if v is not None})
-    return KeyeVLProcessor(processor.tokenizer, cfg)
+def configure_processor(processor: KeyeVLProcessor, cfg: DataConfig) -> KeyeVLProcessor:
+    """Apply the run's media options (pixel budgets, video sampling) to the processor's config."""
+    pc = processor.config
+    changes: dict[str, Any] = {}
+    if cfg.image_min_pixels is not None:
+        changes["min_pixels"] = cfg.image_min_pixels
+    if cfg.image_max_pixels is not None:
+        changes["max_pixels"] = cfg.image_max_pixels
+    if cfg.video:
+        known = {f.name for f in dataclasses.fields(pc.video)}
+        unknown = sorted(set(cfg.video) - known)
+        if unknown:
+            raise ValueError(f"data.video: unknown video option '{unknown[0]}' (known: {sorted(known)})")
+        changes["video"] = dataclasses.replace(pc.video, **cfg.video)
+    processor.config = dataclasses.replace(pc, **changes)
+    return processor
 
 
-def build_packer(data: DataConfig, processor: KeyeVLProcessor, seed: int, pad_token_id: int) -> Packer:
-    """The per-rank dataset: mixed shard stream, encoder, packer (rank and world come from torch.distributed)."""
-    sources = [SourceSpec(s.name, s.shards, s.weight) for s in data.sources]
-    stream = ShardStream(sources, seed=seed, shuffle_buffer=data.shuffle_buffer)
-    encoded = MappedStream(stream, ShardEncoder(processor, data.mode), errors=(ValueError, MediaError, OSError))
-    return Packer(encoded, max_seq_len=data.seq_len, pad_token_id=pad_token_id, truncate=data.truncate,
-                  lookahead=data.lookahead)  # fmt: skip
+def concat_rows(rows: list[PackedBatch]) -> PackedBatch:
+    """Several packed rows as one longer varlen row (segments never attend across ``cu_seqlens``)."""
+    if len(rows) == 1:
+        return rows[0]
+    offsets = [0]
+    for r in rows:
+        offsets.append(offsets[-1] + int(r.input_ids.numel()))
+    cu = torch.cat([rows[0].cu_seqlens[:1]] + [r.cu_seqlens[1:] + off for r, off in zip(rows, offsets)])
 
+    def cat(name: str, dim: int = 0) -> torch.Tensor | None:
+        parts = [getattr(r, name) for r in rows if getattr(r, name) is not None]
+        return torch.cat(parts, dim) if parts else None
 
-def build_loader(data: DataConfig, processor: KeyeVLProcessor, seed: int, pad_token_id: int) -> StatefulDataLoader:
-    """One packed row per batch; the loader's ``state_dict`` resumes exactly (per worker)."""
-    packer = build_packer(data, processor, seed, pad_token_id)
-    workers = data.num_workers
-    return StatefulDataLoader(
-        packer,
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=data.prefetch_factor if workers else None,
-        persistent_workers=False,
-        pin_memory=False,
+    return PackedBatch(
+        input_ids=torch.cat([r.input_ids.reshape(1, -1) for r in rows], 1),
+        labels=torch.cat([r.labels.reshape(1, -1) for r in rows], 1),
+        position_ids=torch.cat([r.position_ids.reshape(3, 1, -1) for r in rows], 2),
+        cu_seqlens=cu.to(torch.int32),
+        pixel_values=cat("pixel_values"),
+        image_grid_thw=cat("image_grid_thw"),
+        pixel_values_videos=cat("pixel_values_videos"),
+        video_grid_thw=cat("video_grid_thw"),
+        num_samples=sum(r.num_samples for r in rows),
+        sample_ids=[s for r in rows for s in r.sample_ids],
     )
 
 
-def data_stats(state: Any) -> Counter:
-    """Sum of every ``stats`` counter found in a (nested) loader state: packer rows, skips, map errors, sources."""
-    total: Counter = Counter()
+def label_count(batch: PackedBatch) -> torch.Tensor:
+    """Label tokens the loss will see (after the shift, never across packed boundaries)."""
+    return (shift_labels(batch.labels, batch.cu_seqlens) != IGNORE_INDEX).sum()
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "stats" and isinstance(value, dict):
-                    total.update({k: v for k, v in value.items() if isinstance(v, (int, float))})
-                else:  # upstream counts live in the packer's anchor (a snapshot a few samples old)
-                    walk(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                walk(value)
 
-    walk(state)
-    return total
+def has_pixels(batch: PackedBatch) -> bool:
+    return any(t is not None and t.numel() > 0 for t in (batch.pixel_values, batch.pixel_values_videos))
+
+
+def _skip_stats(state: Any, into: Counter) -> None:
+    """Sum skip counters found anywhere in a (possibly per-worker) data state."""
+    if isinstance(state, dict):
+        stats = state.get("stats")
+        if isinstance(stats, dict):
+            for k, v in stats.items():
+                if isinstance(v, int) and (k.startswith(("skipped", "map_error", "corrupt", "missing", "bad_", "no_"))):
+                    into[k] += v
+        for k, v in state.items():
+            if k != "stats":
+                _skip_stats(v, into)
+    elif isinstance(state, list):
+        for v in state:
+            _skip_stats(v, into)
+
+
+class TrainData:
+    """This rank's micro-batches (``micro_batch_rows`` packed rows each), with an exact ``state_dict``."""
+
+    def __init__(
+        self, cfg: DataConfig, processor: KeyeVLProcessor, seed: int, rank: int, world: int, micro_batch_rows: int = 1
+    ) -> None:
+        sources = [SourceSpec(s.name, [resolve_path(p) for p in s.shards], s.weight) for s in cfg.sources]
+        self.stream = ShardStream(
+            sources, seed, cfg.shuffle_buffer, cfg.shuffle, cfg.epochs, rank=rank, world_size=world
+        )
+        self.mapped = MappedStream(self.stream, make_encoder(processor, cfg.mode), errors=(ValueError, OSError))
+        self.packer = Packer(
+            self.mapped, cfg.max_seq_len, truncate=cfg.truncate, lookahead=cfg.lookahead,
+            pad_to_multiple_of=cfg.pad_to_multiple_of,
+        )
+        self.rows_per_micro = micro_batch_rows
+        self.num_workers = cfg.num_workers
+        self.loader: Any = self.packer
+        if cfg.num_workers > 0:
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            self.loader = StatefulDataLoader(
+                self.packer, batch_size=None, num_workers=cfg.num_workers, persistent_workers=True
+            )
+        self._it: Iterator[PackedBatch] | None = None
+        self.resumed = False
+
+    def next(self) -> PackedBatch:
+        """The next micro-batch; raises ``StopIteration`` when finite sources are done."""
+        if self._it is None:
+            self._it = iter(self.loader)
+        rows = []
+        for _ in range(self.rows_per_micro):
+            row = next(self._it, None)
+            if row is None:
+                break
+            rows.append(row)
+        if not rows:
+            raise StopIteration
+        return concat_rows(rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_workers") != self.num_workers:
+            raise ValueError(
+                f"data state was saved with data.num_workers={state.get('num_workers')}, this run has "
+                f"{self.num_workers}; exact resume needs the same number of workers"
+            )
+        self.loader.load_state_dict(state["loader"])
+        self._it, self.resumed = None, True
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far (bad media, over-long, …) by reason; read from the states, so workers count too."""
+        counts: Counter = Counter()
+        _skip_stats(self.loader.state_dict(), counts)
+        return dict(counts)
+
+    def resume_skipped(self) -> int:
+        """Tar groups passed over to get back into position after a resume (0 in a fresh run)."""
+        if self.num_workers == 0:
+            return int(self.stream.stats.get("resume_skipped", 0))
+        found: Counter = Counter()
+
+        def walk(s: Any) -> None:
+            if isinstance(s, dict):
+                if isinstance(s.get("stats"), dict) and "resume_skipped" in s["stats"]:
+                    found["n"] += int(s["stats"]["resume_skipped"])
+                for v in s.values():
+                    walk(v)
+            elif isinstance(s, list):
+                for v in s:
+                    walk(v)
+
+        walk(self.loader.state_dict())
+        return int(found["n"])

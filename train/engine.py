@@ -1,100 +1,175 @@
-"""DeepSpeed engine for a run: the generated DeepSpeed config, the engine, and HF-format export.
+"""Distributed setup and the DeepSpeed engine: process group, device, precision, ZeRO config, model loading.
 
-DeepSpeed is the only training engine: ZeRO-2/3 + bf16 on GPUs (NCCL) and the same engine with ZeRO-0..3 + fp32
-on CPU (gloo), so the tiny CPU runs exercise the code path of the 8B runs.
+The same code runs an 8B model on many GPUs (nccl, bf16, ZeRO-3, flash-attn) and the tiny model on CPU (gloo,
+fp32): the device decides the backend and the dtype unless the config names them.
 """
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
+import contextlib
+import datetime
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from keye.processing import KeyeVLProcessor
-from keye.typed_config import save_config
-from train.config import RunConfig
-from train.distributed import DistInfo, barrier
+from train.config import TrainConfig, resolve_path
+
+log = logging.getLogger(__name__)
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def deepspeed_config(cfg: RunConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """DeepSpeed's JSON config from the run config; ``cfg.deepspeed`` is merged on top (expert knobs)."""
-    zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": True}
-    if cfg.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e5)
-    generated = {
-        "train_micro_batch_size_per_gpu": 1,  # one packed row; its length is the batch size
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 62,
-        "wall_clock_breakdown": False,
-    }
-    return _merge(generated, dict(cfg.deepspeed))
-
-
-def zero3_context(ds_config: dict[str, Any]) -> object | None:
-    """Under ZeRO-3 an ``HfDeepSpeedConfig`` must be alive while the model loads so transformers partitions it."""
-    if ds_config["zero_optimization"]["stage"] != 3:
-        return None
-    from transformers.integrations import HfDeepSpeedConfig
-
-    return HfDeepSpeedConfig(ds_config)
-
-
-def create_engine(model: torch.nn.Module, optimizer, scheduler_factory, ds_config: dict[str, Any]):
+def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``…); a plain
+    ``keye train`` is a group of one on a free local port."""
     import deepspeed
 
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler_factory, config=ds_config, dist_init_required=False
-    )
-    return engine, scheduler
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False
+        )
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
 
-def full_state_dict(engine, dist: DistInfo) -> dict[str, torch.Tensor] | None:
-    """All weights on rank 0's CPU (gathered parameter by parameter under ZeRO-3); ``None`` on other ranks."""
-    module = engine.module
-    zero3 = engine.zero_optimization_stage() == 3
-    if not zero3:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if dist.is_main else None
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.distributed.precision != "auto":
+        return cfg.distributed.precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(cfg: TrainConfig, world: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON of the run with batch sizes, clipping, precision and ZeRO stage filled in from ``cfg``."""
+    path = resolve_path(cfg.distributed.deepspeed_config)
+    try:
+        with open(path) as fh:
+            ds = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"distributed.deepspeed_config {path!r}: cannot read a JSON object ({exc})") from None
+    ds["train_micro_batch_size_per_gpu"] = 1  # one (possibly multi-row) packed micro-batch
+    ds["gradient_accumulation_steps"] = cfg.grad_accum_steps
+    ds["train_batch_size"] = cfg.grad_accum_steps * world
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.distributed.zero_stage is not None:
+        zero["stage"] = cfg.distributed.zero_stage
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds["fp16"] = {"enabled": False}
+    return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def model_init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3, build (or load) the model already partitioned, so no rank ever holds all of an 8B model."""
+    if zero_stage(ds_config) != 3:
+        return contextlib.nullcontext()
     import deepspeed
 
-    state: dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if dist.is_main:
-                state[name] = param.detach().cpu().clone()
-    if dist.is_main:
-        for name, buf in module.named_buffers():
-            if name in module.state_dict():
-                state[name] = buf.detach().cpu().clone()
-    return state if dist.is_main else None
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
-def export_hf(engine, processor: KeyeVLProcessor, cfg: RunConfig, out: str | Path, dist: DistInfo) -> Path:
-    """Write an HF-format checkpoint (config, safetensors, processor files, run config) that ``from_pretrained`` loads."""
-    out = Path(out)
-    state = full_state_dict(engine, dist)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        engine.module.save_pretrained(str(out), state_dict=state)
-        processor.save_pretrained(out)
-        save_config(cfg, out / "train_config.yaml")
-    barrier()
-    return out
+def load_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str):
+    """The model and processor of ``cfg.model``; weights load partitioned under ZeRO-3."""
+    from keye.auto import register
+    from keye.configuration import load_model_config
+    from keye.modeling import KeyeVLForConditionalGeneration
+    from keye.processing import KeyeVLProcessor
+
+    register()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    overrides = list(cfg.model.overrides)
+    if cfg.model.path:
+        path = resolve_path(cfg.model.path)
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if overrides:
+            from omegaconf import OmegaConf
+
+            from keye.configuration import KeyeVLConfig
+
+            config = KeyeVLConfig.from_pretrained(path)
+            _apply_overrides(config, OmegaConf.to_container(OmegaConf.from_dotlist(overrides)))
+            kwargs["config"] = config
+        dschf = None
+        if zero_stage(ds_config) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841 — must stay alive while from_pretrained runs
+        model = KeyeVLForConditionalGeneration.from_pretrained(path, **kwargs)
+        del dschf
+        processor = KeyeVLProcessor.from_pretrained(path)
+    else:
+        config = load_model_config(resolve_path(cfg.model.config), overrides)
+        torch.manual_seed(cfg.seed)
+        with model_init_context(ds_config):
+            model = KeyeVLForConditionalGeneration(config).to(dtype)
+        processor = KeyeVLProcessor()
+    if cfg.model.attn_backend:
+        model.config.attn_backend = cfg.model.attn_backend
+    model.config.use_cache = False
+    return model, processor
+
+
+def _apply_overrides(config: Any, values: dict[str, Any], where: str = "") -> None:
+    """Set nested ``model.overrides`` on a transformers config (e.g. ``text_config.rope_parameters.rope_theta``)."""
+    for key, value in values.items():
+        name = f"{where}{key}"
+        if isinstance(config, dict):
+            if key not in config:
+                raise ValueError(f"model.overrides: unknown key {name!r}")
+            if isinstance(value, dict) and isinstance(config[key], dict):
+                _apply_overrides(config[key], value, name + ".")
+            else:
+                config[key] = value
+            continue
+        if not hasattr(config, key):
+            raise ValueError(f"model.overrides: unknown key {name!r}")
+        current = getattr(config, key)
+        if isinstance(value, dict) and (isinstance(current, dict) or hasattr(current, "to_dict")):
+            _apply_overrides(current, value, name + ".")
+        else:
+            setattr(config, key, value)
+
+
+def set_activation_checkpointing(model: torch.nn.Module, vit: bool, llm: bool) -> None:
+    """Recompute activations of ViT layers and/or LLM decoder layers in the backward pass."""
+    if not (vit or llm):
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for prefix, keep in (("visual.", vit), ("model.", llm)):
+        if keep:
+            continue
+        for name, module in model.named_modules():
+            if name.startswith(prefix) and hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False

@@ -1,66 +1,82 @@
-"""AdamW parameter groups (per-part learning rates; no decay on norms, biases, embeddings) and the LR schedule."""
+"""AdamW parameter groups (one learning rate per module, no decay on norms/biases) and LR schedules.
+
+Schedules are small callables (not lambdas) so ``LambdaLR.state_dict`` saves them and a resumed run continues
+on the same curve.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from train.build import part_of
-from train.config import OptimConfig
+from train.config import OptimConfig, ScheduleConfig
+from train.freeze import module_of
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters grouped by (part, decay); each group's ``lr`` is ``cfg.lr`` × the part's scale."""
-    scale = {"vision": cfg.vision_lr_scale, "projector": cfg.projector_lr_scale, "llm": cfg.llm_lr_scale}
+    """Trainable parameters grouped by (module, decay); each group carries ``name`` and its own ``lr``."""
+    lrs = {
+        "vit": cfg.vit_lr if cfg.vit_lr is not None else cfg.lr,
+        "projector": cfg.projector_lr if cfg.projector_lr is not None else cfg.lr,
+        "llm": cfg.llm_lr if cfg.llm_lr is not None else cfg.lr,
+    }
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
             continue
-        decay = p.ndim >= 2 and "norm" not in name.lower() and "embed" not in name.lower()
-        groups.setdefault((part_of(name), decay), []).append(p)
+        no_decay = param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+        groups.setdefault((module_of(name), not no_decay), []).append(param)
     if not groups:
-        raise ValueError("no trainable parameters: check model.trainable")
+        raise ValueError("no trainable parameters: the freeze plan freezes the whole model")
     return [
         {
+            "name": f"{module}/{'decay' if decay else 'no_decay'}",
             "params": params,
-            "lr": cfg.lr * scale[part],
+            "lr": lrs[module],
             "weight_decay": cfg.weight_decay if decay else 0.0,
-            "name": f"{part}{'' if decay else '_no_decay'}",
         }
-        for (part, decay), params in sorted(groups.items())
+        for (module, decay), params in sorted(groups.items())
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg),
-        lr=cfg.lr,
-        betas=(cfg.betas[0], cfg.betas[1]),
-        eps=cfg.eps,
-        fused=device.type == "cuda",
-    )
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW as DeepSpeed's client optimizer: no extension to compile, same on CPU and GPU."""
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
-def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of each group's base LR at optimizer step ``s``: linear warm-up, then cosine/linear/constant."""
+class Schedule:
+    """LR multiplier at optimizer step ``step`` (0-based): linear warmup, then cosine / WSD / constant."""
 
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
+    def __init__(self, cfg: ScheduleConfig, max_steps: int) -> None:
+        self.kind, self.warmup, self.min_ratio = cfg.kind, cfg.warmup_steps, cfg.min_lr_ratio
+        self.total = max_steps
+        self.decay_steps = max(1, round(cfg.decay_ratio * max_steps))
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
             return 1.0
-        span = max(1, total_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
-        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+        if self.kind == "cosine":
+            span = max(1, self.total - self.warmup)
+            progress = min(1.0, (step - self.warmup) / span)
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_start = self.total - self.decay_steps  # wsd
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start + 1) / self.decay_steps)
+        return 1.0 - (1 - self.min_ratio) * progress
 
-    return factor
 
+def scheduler_factory(cfg: ScheduleConfig, max_steps: int):
+    """A callable DeepSpeed calls with its wrapped optimizer, so the schedule drives the real param groups."""
 
-def build_scheduler(cfg: OptimConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], object]:
-    """A factory DeepSpeed calls with its (possibly ZeRO-wrapped) optimizer; it steps it once per optimizer step."""
-    factor = lr_factor(cfg, total_steps)
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [Schedule(cfg, max_steps) for _ in optimizer.param_groups]
+        )
+
+    return build

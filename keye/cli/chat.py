@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--tools", action="store_true", help="Thyme tool use: run the model's <code> in the sandbox")
+    parser.add_argument("--max-rounds", type=int, default=5, help="code rounds per answer with --tools")
     parser.add_argument("prompt", help="the question")
 
 
@@ -51,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_slow_fast:
         video_opts["slow_fast"] = False
     engine = ChatEngine.from_pretrained(args.model, device=args.device)
+    if args.tools:
+        return run_with_tools(args, engine)
     conversation = build_conversation(args.prompt, args.image, args.video, video_opts)
     sample = engine.encode([conversation], mode=args.mode)[0]
     visual = int(((sample.input_ids == 151655) | (sample.input_ids == 151656)).sum())
@@ -63,6 +67,45 @@ def run(args: argparse.Namespace) -> int:
     n_new = len(result.token_ids[0])
     print(
         f"[visual tokens: {visual}; time to first token: {ttft}; {n_new} tokens in {result.seconds:.2f}s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_with_tools(args: argparse.Namespace, engine) -> int:
+    """One Thyme trajectory in the evaluation setup (greedy code, retries); prints each segment and round as it
+    happens: model text on stdout as it is generated, sandbox output in ``<sandbox_output>`` between segments."""
+    import tempfile
+
+    from keye.thyme import ToolEvent, ToolLoop, ToolLoopConfig, thyme_conversation
+
+    if args.video:
+        raise ValueError("--tools works on --image inputs (the sandbox code opens image files), not --video")
+    cfg = ToolLoopConfig.evaluation(
+        max_new_tokens=args.max_new_tokens,
+        max_rounds=args.max_rounds,
+        text_temperature=args.temperature,
+        top_p=args.top_p,
+    )
+
+    def show(event: ToolEvent) -> None:
+        if event.kind == "segment":
+            print(event.segment.text, end="", flush=True)
+        elif event.kind == "round":
+            r = event.round
+            shown = "".join(f"<image {p}>" for p in r.images)
+            print(f"<sandbox_output>{shown}{r.feedback}</sandbox_output>", end="", flush=True)
+            print(f"\n[round {r.index + 1}: {r.status}, {len(r.images)} image(s), {r.seconds:.2f}s]", file=sys.stderr)
+        elif event.kind == "rollback":
+            r = event.round
+            print(f"\n[round {r.index + 1} failed ({r.status}: {r.error}); retrying hotter]", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="keye_chat_") as work, ToolLoop(engine, cfg) as loop:
+        traj = loop.run([thyme_conversation(args.prompt, args.image)], mode=args.mode, out_dir=work, on_event=show)[0]
+    print()
+    print(
+        f"[answer: {traj.answer!r}; {len(traj.rounds)} code round(s), {len(traj.discarded_rounds)} retried; "
+        f"{traj.policy_tokens} generated tokens; finish: {traj.finish_reason}]",
         file=sys.stderr,
     )
     return 0

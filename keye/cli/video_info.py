@@ -1,6 +1,6 @@
 """``keye video-info PATH…``: what the model sees of each video (sampled frames, slow/fast types, sizes, tokens).
 
-``--json`` prints one object per video and line with keys ``path``, ``frames`` (number of sampled frames),
+``--json`` prints one object per video and line with keys ``path``, ``frames`` (sampled frame indices),
 ``timestamps``, ``frame_types`` (0 slow, 1 fast), ``slow_hw``, ``fast_hw``, ``visual_tokens`` and ``seconds``
 (decode through the final per-frame pixel tensors, in this process). A file that cannot be read prints one error
 line and the others still run; the exit code is 1 if any failed.
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _summary(clip: VideoClip, seconds: float) -> dict:
     return {
         "path": clip.path,
-        "frames": clip.num_frames,
+        "frames": list(clip.frame_indices),
         "timestamps": list(clip.timestamps),
         "frame_types": list(clip.frame_types),
         "slow_hw": list(clip.slow_hw),

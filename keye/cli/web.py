@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         video_options=video,
     )
+    # SIGTERM (service managers, `kill`) ends like Ctrl-C, so the uploads' temp dir is removed either way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         serve(demo, args.host, args.port, on_ready=lambda url: print(f"keye web: serving on {url}", flush=True))
     except KeyboardInterrupt:

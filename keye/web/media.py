@@ -60,7 +60,9 @@ def detect_kind(path: Path) -> str:
     try:
         meta, _ = open_video(path, VideoOptions())
     except MediaError as exc:
-        raise WebError(400, "not_media", f"not a video or image ({exc.reason}): upload an mp4/webm/mov or a picture")
+        raise WebError(
+            400, "not_media", f"not a video or image ({exc.reason}): upload an mp4/webm/mov or a picture"
+        ) from None
     if meta.num_frames <= 0:
         raise WebError(400, "not_media", "the video holds no frames")
     return "video"

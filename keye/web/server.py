@@ -15,6 +15,7 @@ disconnects mid-answer stops its generation: the streamer callback's failed writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -339,10 +340,8 @@ def make_handler(demo: WebDemo) -> type[BaseHTTPRequestHandler]:
                 log.info("client left during generation; stopped")
             except Exception as exc:  # after the headers, errors travel as an SSE event
                 log.exception("generation failed")
-                try:
+                with contextlib.suppress(ClientGone):
                     self._event("error", {"error": f"generation failed: {exc}", "reason": "internal"})
-                except ClientGone:
-                    pass
 
     return Handler
 

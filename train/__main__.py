@@ -1,0 +1,10 @@
+"""``torchrun … -m train CONFIG [key=value …]``: the same run as ``keye train``, on every process."""
+
+from __future__ import annotations
+
+import sys
+
+from keye.cli.train import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,129 @@
+"""Checkpoints: a DeepSpeed checkpoint (weights, optimizer, scheduler) plus, per rank, RNG and data states, plus
+an HF-format export (model + processor) that ``keye chat`` / ``keye eval`` / the next stage load directly.
+
+A checkpoint directory counts only once its ``COMPLETE`` marker exists (written last, after every rank finished),
+so a run killed mid-save resumes from the previous one. Only the newest ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of the complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = TAG.match(d.name)
+            if m and (d / COMPLETE).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def export_hf(engine: Any, processor: Any, out: str | Path, rank: int) -> None:
+    """Write the model (gathered from ZeRO-3 partitions when needed) and processor in HF format."""
+    module = engine.module
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_partition_weights() else None
+    if rank == 0:
+        out = Path(out)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if state_dict is None:
+            state_dict = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        module.save_pretrained(str(tmp), state_dict=state_dict)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+
+
+def _write_marker(path: Path) -> None:
+    with open(path, "w") as fh:
+        fh.write("ok\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_checkpoint(
+    engine: Any,
+    root: str | Path,
+    step: int,
+    rank_state: dict[str, Any],
+    processor: Any,
+    config_saver: Any,
+    rank: int,
+    keep_last: int,
+    export: bool,
+) -> Path:
+    """Save everything needed to resume at ``step`` (collective: every rank calls it)."""
+    root = Path(root)
+    tag = tag_for(step)
+    ckpt = root / tag
+    if rank == 0 and (ckpt / COMPLETE).exists():
+        (ckpt / COMPLETE).unlink()  # being rewritten (a resumed run passing an old step again)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    (ckpt / "train_state").mkdir(parents=True, exist_ok=True)
+    torch.save(rank_state, ckpt / "train_state" / f"rank_{rank:05d}.pt")
+    if export:
+        export_hf(engine, processor, ckpt / "hf", rank)
+    dist.barrier()
+    if rank == 0:
+        config_saver(ckpt / "config.yaml")
+        _write_marker(ckpt / COMPLETE)
+        for _, old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return ckpt
+
+
+def load_checkpoint(engine: Any, ckpt: Path, rank: int, world: int) -> dict[str, Any]:
+    """Restore engine state and return this rank's saved state (RNG restored here; data state for the caller)."""
+    saved = sorted((ckpt / "train_state").glob("rank_*.pt"))
+    if len(saved) != world:
+        raise RuntimeError(
+            f"checkpoint {ckpt} was saved by {len(saved)} ranks, this run has {world}; exact resume needs the same "
+            "world size (use tools/merge_checkpoints.py or an HF export to change it)"
+        )
+    load_path, client = engine.load_checkpoint(
+        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt}")
+    state = torch.load(ckpt / "train_state" / f"rank_{rank:05d}.pt", weights_only=False)
+    set_rng_state(state["rng"])
+    return state
