@@ -13,6 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["keye*", "data_pipelines*", "train*", "eval*"]),
     include_package_data=True,
+    package_data={"keye.web": ["static/*.html"]},
     install_requires=[
         # torch/torchvision are pinned by the Makefile (torch==2.14.1, torchvision==0.29.1 from local wheels);
         # the code also runs on torch 2.11 + transformers 5.17, which the GPU machine carries.
@@ -46,7 +47,8 @@ setup(
             "playwright>=1.50",
         ],
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
-        "demo": ["gradio>=5"],
+        # The web demo (keye web) is a stdlib HTTP server and one static page: no extra packages.
+        "demo": [],
     },
     entry_points={"console_scripts": ["keye=keye.cli.main:main"]},
 )

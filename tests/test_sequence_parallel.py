@@ -120,10 +120,9 @@ def test_two_ranks_match_one_rank():
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "0",
         str(ROOT / "tests" / "sp_worker.py"),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
