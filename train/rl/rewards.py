@@ -12,7 +12,6 @@ string equality) and falls back to the judge only when the rules say "not equal"
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import json
 import re
@@ -23,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from keye.plugins import load_callable
 from keye.reasoning import extract_final_answer, mode_of, normalize_mode, response_fits_mode
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
@@ -338,15 +338,7 @@ def resolve_reward(name: str) -> RewardFn:
         if name in BUILTIN_REWARDS:
             return BUILTIN_REWARDS[name]
         raise ValueError(f"reward {name!r}: expected 'module:function' or one of {sorted(BUILTIN_REWARDS)}")
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward {name!r}: cannot import module {module_name!r}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward {name!r}: module {module_name!r} has no callable {attr!r}")
-    return fn
+    return load_callable(name, "reward")
 
 
 @dataclass
