@@ -270,6 +270,22 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
             deltas[b] = (pos.max() + 1 - length) if pos.numel() else -length
         return positions, deltas
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """3-axis M-RoPE positions of the prompt for ``generate`` (which then advances every axis by one per token).
+
+        transformers' default builds 1-D positions from the attention mask, which is wrong once images or videos
+        are present; the last prompt token is text, so "+1 on every axis" is exactly the 1.5 rule for what follows.
+        """
+        if inputs_tensor.ndim != 2 or inputs_tensor.dtype != torch.long:
+            return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        positions, self.rope_deltas = self.get_rope_index(
+            inputs_tensor,
+            model_kwargs.get("image_grid_thw"),
+            model_kwargs.get("video_grid_thw"),
+            model_kwargs.get("attention_mask"),
+        )
+        return positions
+
     def _positions(self, input_ids, inputs_embeds, attention_mask, past_key_values, image_grid_thw, video_grid_thw):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past == 0 and input_ids is not None:

@@ -243,3 +243,23 @@ def test_auto_classes_load_the_checkpoint(model, tmp_path):
     model.save_pretrained(tmp_path)
     assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "KeyeVLConfig"
     assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), KeyeVLForConditionalGeneration)
+
+
+def test_generate_uses_multimodal_positions(model, processor):
+    """Greedy generate's tokens equal a plain forward pass's argmax over prompt + generated tokens (with images)."""
+    conv = _conv({"type": "image", "image": random_image(84, 112)}, {"type": "video", "video": random_clip()})
+    batch = processor([conv])
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=151643, eos_token_id=None)
+        full = out[0]
+        sample = processor.encode_conversation(conv, add_generation_prompt=True)
+        ids = full[None]
+        logits = model(
+            input_ids=ids,
+            pixel_values=sample.pixel_values,
+            image_grid_thw=sample.image_grid_thw,
+            pixel_values_videos=sample.pixel_values_videos,
+            video_grid_thw=sample.video_grid_thw,
+        ).logits[0]
+    prompt_len = len(sample)
+    assert logits[prompt_len - 1 : -1].argmax(-1).tolist() == full[prompt_len:].tolist()

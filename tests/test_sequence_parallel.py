@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -125,9 +126,17 @@ def test_two_ranks_match_one_rank():
         "2",
         str(ROOT / "tests" / "sp_worker.py"),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SP_RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its two workers (their own session)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"sp worker timed out\n{stdout[-3000:]}{stderr[-3000:]}")
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("SP_RESULT ")]
+    assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-3000:]
     r = json.loads(lines[0].removeprefix("SP_RESULT "))
     assert r["padded_length"] == r["row_length"] + 1  # odd row, padded to a multiple of 2
     assert r["slice_offsets_image_video"][1][1] > 0  # rank 1's slice starts inside the video's tokens

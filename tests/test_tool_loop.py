@@ -223,6 +223,7 @@ def test_batch_advances_together_and_finished_trajectories_drop_out(tmp_path, im
         trajs = loop.run(convs, out_dir=tmp_path / "out")
     assert [t.answer for t in trajs] == ["red", "blue", "red"]
     assert [len(t.rounds) for t in trajs] == [2, 0, 1]
+    assert all(r.status == "ok" for t in trajs for r in t.rounds)  # a session's later rounds run on another thread
     assert [c["batch"] for c in engine.calls] == [3, 2, 2, 1, 1]  # Q1 answers at once; Q2 finishes a round early
     for t in trajs:  # every trajectory's sample is self-consistent
         again = processor().encode_conversation(t.messages, continue_final_message=True)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -18,20 +18,32 @@ VENV_BIN = Path(sys.executable).parent
 # Narrower than spine_fixtures.micro_config (the vocabulary stays the tokenizer's: 2 × 4.9M parameters).
 NANO_MODEL = {
     "vision_config": {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "image_size": 56, "patch_size": 14,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 56,
+        "patch_size": 14,
     },
     "text_config": {
-        "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "tie_word_embeddings": False,
-        "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+        "vocab_size": 151936,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "tie_word_embeddings": False,
+        "eos_token_id": [151645, 151643],
+        "pad_token_id": 151643,
     },
     "mrope_section": [2, 3, 3],
     "attn_backend": "sdpa",
 }
 
-WORDS = "red green blue square circle stripes dots left right top bottom bright dark small large".split()
+WORDS = ["red", "green", "blue", "square", "circle", "stripes", "dots", "left", "right", "top", "bottom", "bright", "dark", "small", "large"]
 
 
 def caption(i: int) -> str:
@@ -51,27 +63,75 @@ def make_records(media: Path, n_image: int, n_video: int, n_text: int, n_frames:
     for i in range(n_image):
         rel = f"img_{seed}_{i}.png"
         synthetic.write_image(media / rel, height=56, width=56 + 28 * (i % 2), seed=seed * 100 + i)
-        records.append({"id": f"img-{seed}-{i}", "source": "image", "messages": [
-            {"role": "user", "content": [{"type": "image", "image": rel}, {"type": "text", "text": "Describe."}]},
-            {"role": "assistant", "content": caption(i)}]})
+        records.append(
+            {
+                "id": f"img-{seed}-{i}",
+                "source": "image",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "image": rel}, {"type": "text", "text": "Describe."}],
+                    },
+                    {"role": "assistant", "content": caption(i)},
+                ],
+            }
+        )
     for i in range(n_video):
         rel = f"vid_{seed}_{i}.mp4"
         synthetic.moving_shapes(media / rel, seconds=1.0, fps=4.0, height=56, width=56, seed=seed * 100 + i)
-        records.append({"id": f"vid-{seed}-{i}", "source": "video", "messages": [
-            {"role": "user", "content": [{"type": "video", "video": rel, "max_frames": 2, "min_pixels": 3136,
-                                          "max_pixels": 3136}, {"type": "text", "text": "What moves?"}]},
-            {"role": "assistant", "content": caption(i + 5)}]})
+        records.append(
+            {
+                "id": f"vid-{seed}-{i}",
+                "source": "video",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "video", "video": rel, "max_frames": 2, "min_pixels": 3136, "max_pixels": 3136},
+                            {"type": "text", "text": "What moves?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": caption(i + 5)},
+                ],
+            }
+        )
     for i in range(n_frames):
         frames = synthetic.write_frame_images(media / f"frames_{seed}_{i}", num_frames=3, height=56, width=56, seed=i)
         rels = [str(Path(p).relative_to(media)) for p in frames]
-        records.append({"id": f"frames-{seed}-{i}", "source": "video", "messages": [
-            {"role": "user", "content": [{"type": "video", "video": rels, "fps": 1.0, "max_frames": 2,
-                                          "min_pixels": 3136, "max_pixels": 3136}, {"type": "text", "text": "Story?"}]},
-            {"role": "assistant", "content": caption(i + 9)}]})
+        records.append(
+            {
+                "id": f"frames-{seed}-{i}",
+                "source": "video",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "video",
+                                "video": rels,
+                                "fps": 1.0,
+                                "max_frames": 2,
+                                "min_pixels": 3136,
+                                "max_pixels": 3136,
+                            },
+                            {"type": "text", "text": "Story?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": caption(i + 9)},
+                ],
+            }
+        )
     for i in range(n_text):
-        records.append({"id": f"txt-{seed}-{i}", "source": "text", "messages": [
-            {"role": "user", "content": f"Repeat after me: {caption(i + 2)}"},
-            {"role": "assistant", "content": caption(i + 2)}]})
+        records.append(
+            {
+                "id": f"txt-{seed}-{i}",
+                "source": "text",
+                "messages": [
+                    {"role": "user", "content": f"Repeat after me: {caption(i + 2)}"},
+                    {"role": "assistant", "content": caption(i + 2)},
+                ],
+            }
+        )
     return records
 
 
@@ -88,15 +148,22 @@ def write_shard_set(root: Path, name: str, records: list, media: Path, per_shard
 def run_config(out_dir: Path, model_yaml: Path, shards: list[str] | dict[str, list[str]], **overrides: Any) -> dict:
     """A small run config dict; ``overrides`` use dotted keys (``optim.lr``)."""
     sources = (
-        [{"name": k, "shards": v} for k, v in shards.items()] if isinstance(shards, dict)
+        [{"name": k, "shards": v} for k, v in shards.items()]
+        if isinstance(shards, dict)
         else [{"name": "default", "shards": list(shards)}]
     )
     cfg: dict[str, Any] = {
         "stage": "test",
         "output_dir": str(out_dir),
         "model": {"config": str(model_yaml)},
-        "data": {"sources": sources, "max_seq_len": 256, "shuffle_buffer": 4, "lookahead": 4,
-                 "image_min_pixels": 3136, "image_max_pixels": 6272},
+        "data": {
+            "sources": sources,
+            "max_seq_len": 256,
+            "shuffle_buffer": 4,
+            "lookahead": 4,
+            "image_min_pixels": 3136,
+            "image_max_pixels": 6272,
+        },
         "max_steps": 4,
         "grad_accum_steps": 1,
         "optim": {"lr": 3e-3},
@@ -122,8 +189,14 @@ def free_port() -> int:
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-             OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    e = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         e.pop(k, None)
     return e
@@ -134,20 +207,55 @@ def launch(config: Path, nproc: int = 1, extra: list[str] | None = None) -> subp
     if nproc == 1:
         cmd = [sys.executable, "-m", "train", str(config)]
     else:
-        cmd = [str(VENV_BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "train", str(config)]
-    return subprocess.Popen(cmd + list(extra or []), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        cmd = [
+            str(VENV_BIN / "torchrun"),
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "train",
+            str(config),
+        ]
+    return subprocess.Popen(
+        cmd + list(extra or []),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_tree(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a launcher and every process under it (torchrun starts its workers in their own sessions)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        family = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    """Wait for a run; on timeout kill its whole process group so a hang fails the test instead of CI."""
+    """Wait for a run; on timeout kill all its processes so a hang fails the test instead of hanging CI."""
     import signal
 
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"run timed out after {timeout}s; output tail:\n{out[-4000:]}") from None
     return proc.returncode, out

@@ -153,7 +153,10 @@ class TrainData:
         )
         self.mapped = MappedStream(self.stream, make_encoder(processor, cfg.mode), errors=(ValueError, OSError))
         self.packer = Packer(
-            self.mapped, cfg.max_seq_len, truncate=cfg.truncate, lookahead=cfg.lookahead,
+            self.mapped,
+            cfg.max_seq_len,
+            truncate=cfg.truncate,
+            lookahead=cfg.lookahead,
             pad_to_multiple_of=cfg.pad_to_multiple_of,
         )
         self.rows_per_micro = micro_batch_rows

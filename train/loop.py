@@ -49,9 +49,10 @@ class Task:
     processor: Any
     data: Any  # next() -> micro-batch, state_dict/load_state_dict, skipped(), resume_skipped()
     count: Callable[[Any], torch.Tensor]  # loss items (label tokens, pairs) in a micro-batch
-    forward: Callable[[Any, Any, torch.Tensor], torch.Tensor]  # (engine, batch, denom) -> loss
+    forward: Callable[[Any, Any, torch.Tensor, int], torch.Tensor]  # (engine, batch, denom, extra_visual) -> loss
     tokens: Callable[[Any], int]  # tokens processed, for throughput
     export: Callable[[Any, Path, int], None]  # (engine, out_dir, rank): HF export
+    visual_calls: Callable[[Any], int] = lambda batch: 0  # ViT calls a micro-batch makes (ZeRO-3 alignment)
 
 
 def lm_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world: int, device: torch.device) -> Task:
@@ -62,11 +63,13 @@ def lm_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world:
     set_activation_checkpointing(model, cfg.activation_checkpointing.vit, cfg.activation_checkpointing.llm)
     data = TrainData(cfg.data, processor, cfg.seed, rank, world, cfg.micro_batch_rows)
 
-    def forward(engine: Any, batch: Any, denom: torch.Tensor) -> torch.Tensor:
-        # always_run_vision: a rank whose micro-batch has no pixels still runs the ViT (times 0), so ZeRO-3
-        # parameter gathers stay in step across ranks.
+    def forward(engine: Any, batch: Any, denom: torch.Tensor, extra_visual: int) -> torch.Tensor:
+        # ZeRO-3 gathers parameters collectively per module call, so every rank must run the ViT equally often and
+        # before the LLM: always_run_vision covers a micro-batch without pixels, and ``extra_visual`` zero-weighted
+        # probes make up for ranks whose micro-batch holds both images and videos (two ViT calls).
+        probes = sum(vision_probe(engine.module, device) for _ in range(extra_visual))
         out = engine(**batch.to(device).model_inputs(), num_items_in_batch=denom, always_run_vision=True)
-        return out.loss
+        return out.loss + probes if extra_visual else out.loss
 
     return Task(
         model=model,
@@ -74,9 +77,24 @@ def lm_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world:
         data=data,
         count=label_count,
         forward=forward,
+        visual_calls=visual_calls,
         tokens=lambda b: int(b.input_ids.numel()),
         export=lambda engine, out, r: export_hf(engine, processor, out, r),
     )
+
+
+def visual_calls(batch: Any) -> int:
+    """ViT calls the model makes for a packed micro-batch: one per modality present, one dummy call if none."""
+    n = sum(t is not None and t.numel() > 0 for t in (batch.pixel_values, batch.pixel_values_videos))
+    return max(n, 1)
+
+
+def vision_probe(model: Any, device: torch.device) -> torch.Tensor:
+    """A zero-weighted 2×2-patch ViT + projector pass (same modules, same gathers as a real visual call)."""
+    p = model.config.vision_config.patch_size
+    dtype = model.mlp_AR.parameters().__next__().dtype
+    pixels = torch.zeros(4, 3 * p * p, device=device, dtype=dtype)
+    return model.encode_visual(pixels, torch.tensor([[1, 2, 2]], device=device)).float().sum() * 0.0
 
 
 class StopFlag:
@@ -127,6 +145,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         config=ds_config,
         dist_init_required=False,
     )
+    zero3 = engine.zero_optimization_partition_weights()
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     if rank == 0:
@@ -150,8 +169,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     def checkpoint(at: int) -> None:
         rank_state = {"step": at, "rng": rng_state(), "data": task.data.state_dict(), "counters": dict(counters)}
         path = save_checkpoint(
-            engine, ckpt_root, at, rank_state, task.processor, lambda p: save_config(cfg, p), rank,
-            cfg.checkpoint.keep_last, cfg.checkpoint.export_hf,
+            engine,
+            ckpt_root,
+            at,
+            rank_state,
+            task.processor,
+            lambda p: save_config(cfg, p),
+            rank,
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.export_hf,
         )
         logger.event("checkpoint", step=at, path=str(path))
 
@@ -172,13 +198,25 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                     exhausted = True
                     break
             if first and resumed_from is not None:
-                logger.event("resumed", step=step, checkpoint_step=resumed_from, samples_skipped_to_resume=_sum(
-                    task.data.resume_skipped(), device))
+                logger.event(
+                    "resumed",
+                    step=step,
+                    checkpoint_step=resumed_from,
+                    samples_skipped_to_resume=_sum(task.data.resume_skipped(), device),
+                )
             first = False
-            local = torch.stack([task.count(b).to(device) for b in batches]).sum() if batches else torch.zeros(
-                (), device=device, dtype=torch.long)
-            agree = torch.stack([local.double(), torch.tensor(float(stop.raised), device=device, dtype=torch.float64),
-                                 torch.tensor(float(exhausted), device=device, dtype=torch.float64)])
+            local = (
+                torch.stack([task.count(b).to(device) for b in batches]).sum()
+                if batches
+                else torch.zeros((), device=device, dtype=torch.long)
+            )
+            agree = torch.stack(
+                [
+                    local.double(),
+                    torch.tensor(float(stop.raised), device=device, dtype=torch.float64),
+                    torch.tensor(float(exhausted), device=device, dtype=torch.float64),
+                ]
+            )
             dist.all_reduce(agree)
             if agree[1] > 0 or agree[2] > 0:  # host sync, once per step: every rank must take the same branch
                 stopped_by = "signal" if agree[1] > 0 else "data_exhausted"
@@ -186,9 +224,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             global_count = agree[0]
             denom = (global_count / world).clamp(min=1.0 / world).float()
 
+            extra = [0] * len(batches)
+            if zero3:  # align the number of ViT calls per micro-batch across ranks (see lm_task)
+                calls = torch.tensor([task.visual_calls(b) for b in batches], device=device)
+                most = calls.clone()
+                dist.all_reduce(most, op=dist.ReduceOp.MAX)
+                extra = (most - calls).tolist()
             step_loss = torch.zeros((), device=device, dtype=torch.float64)
-            for batch in batches:
-                loss = task.forward(engine, batch, denom)
+            for batch, n_extra in zip(batches, extra):
+                loss = task.forward(engine, batch, denom, n_extra)
                 engine.backward(loss, scale_wrt_gas=False)
                 engine.step()
                 step_loss += loss.detach().double()
@@ -214,8 +258,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                     )
 
             if step % cfg.logging.every_steps == 0 or step == cfg.max_steps:
-                sums = torch.stack([interval_loss, torch.tensor(float(meter.tokens), device=device,
-                                                                dtype=torch.float64)])
+                sums = torch.stack(
+                    [interval_loss, torch.tensor(float(meter.tokens), device=device, dtype=torch.float64)]
+                )
                 dist.all_reduce(sums)
                 rates = meter.rates()
                 values = {
@@ -248,8 +293,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         stop.restore()
         logger.close()
-    return {"step": step, "stopped_by": stopped_by, "output_dir": str(out_dir), "export": str(out_dir / "hf"),
-            "nonfinite_steps": counters["nonfinite_steps"], "rank": rank, "world": world}
+    return {
+        "step": step,
+        "stopped_by": stopped_by,
+        "output_dir": str(out_dir),
+        "export": str(out_dir / "hf"),
+        "nonfinite_steps": counters["nonfinite_steps"],
+        "rank": rank,
+        "world": world,
+    }
 
 
 def _sum(value: int, device: torch.device) -> int:

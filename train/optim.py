@@ -75,8 +75,6 @@ def scheduler_factory(cfg: ScheduleConfig, max_steps: int):
     """A callable DeepSpeed calls with its wrapped optimizer, so the schedule drives the real param groups."""
 
     def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [Schedule(cfg, max_steps) for _ in optimizer.param_groups]
-        )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [Schedule(cfg, max_steps) for _ in optimizer.param_groups])
 
     return build

@@ -21,7 +21,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("keye.cli.shards", "write webdataset shards + manifest + skip report from JSONL and media"),
     "sandbox": ("keye.cli.sandbox", "run one Thyme code block in the sandbox (status, stdout, error, images)"),
     "eval": ("keye.cli.eval", "benchmark scores: predictions.jsonl, results.json, report.md"),
-    "train": ("keye.cli.train", "one training run (pretraining stage or SFT, by config); torchrun -m train on many"),
     "eval-filter": ("keye.cli.eval_filter", "drop video-MCQ items answerable from one frame, rebalance letters"),
     "train": ("keye.cli.train", "one training run (pretrain stage, SFT) from a run config; torchrun -m train for many"),
     "web": ("keye.cli.web", "the browser demo: upload a video or image, ask, watch the answer stream"),

@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
     """Entry for ``python -m train``: same parsing and one-line errors as ``keye train``."""
     from keye.cli.main import main as keye_main
 
-    return keye_main(["train", *argv])
+    debug = ["--debug"] if "--debug" in argv else []
+    return keye_main([*debug, "train", *(a for a in argv if a != "--debug")])
 
 
 if __name__ == "__main__":

@@ -122,12 +122,16 @@ class ToolLoop:
         self.config = config or ToolLoopConfig()
         self._sandbox = sandbox
         self._own_sandbox = sandbox is None
+        self._threads: ThreadPoolExecutor | None = None
 
     @property
     def processor(self) -> KeyeVLProcessor:
         return self.engine.processor
 
     def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown()
+            self._threads = None
         if self._own_sandbox and self._sandbox is not None:
             self._sandbox.close()
             self._sandbox = None
@@ -196,7 +200,11 @@ class ToolLoop:
         messages, paths = materialize_images(conv, media_root, out_dir)
         prefill = bool(messages) and messages[-1].get("role") == "assistant"
         prompt = self.processor.encode_conversation(
-            messages, mode=mode, add_generation_prompt=not prefill, continue_final_message=prefill
+            messages,
+            mode=mode,
+            add_generation_prompt=not prefill,
+            media_root=media_root,
+            continue_final_message=prefill,
         )
         state = TrajectoryState(self.processor, prompt, messages)
         return _Run(index=index, state=state, input_paths=paths, out_dir=out_dir, mark=state.mark())
@@ -275,8 +283,14 @@ class ToolLoop:
                 rec.status, rec.error = "no_output", "the code printed nothing and saved no image"
             return rec
 
-        with ThreadPoolExecutor(max_workers=min(8, len(runs))) as pool:
-            records = list(pool.map(one, runs))
+        if len(runs) == 1:
+            records = [one(runs[0])]
+        else:
+            # One long-lived pool: a jail started from a thread dies with that thread (bwrap --die-with-parent is
+            # per thread), so the threads that may start sandbox workers must outlive the sessions.
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="keye-thyme")
+            records = list(self._threads.map(one, runs))
         for r, rec in zip(runs, records):
             r.pending_exec = False
             self._finish_round(r, rec, cfg, emit)
