@@ -108,3 +108,19 @@ def test_refuses_without_isolation_unless_allowed(monkeypatch):
         r = sandbox.run("print(sum(range(10)))")
     assert r.status == "ok" and r.stdout == "45\n"
     assert host_temp_dirs() <= before
+
+
+@needs_bwrap
+def test_session_started_in_a_short_lived_thread_survives_it(tmp_path, image):
+    """bwrap's --die-with-parent follows the forking thread; jails are spawned from one long-lived thread instead."""
+    import threading
+    import time
+
+    with Sandbox(small_config(pool_size=0)) as sandbox, sandbox.session() as session:
+        results = []
+        t = threading.Thread(target=lambda: results.append(session.run("x = 41", [image], str(tmp_path / "o"))))
+        t.start()
+        t.join()
+        time.sleep(0.3)  # give a parent-death signal time to land if the jail were tied to that thread
+        results.append(session.run("print(x + 1)", [image], str(tmp_path / "o")))
+    assert [r.status for r in results] == ["ok", "ok"] and results[1].stdout.strip() == "42"

@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from keye.sandbox.config import SandboxConfig
 from keye.sandbox.jail import Jail
@@ -45,13 +46,20 @@ class SandboxStartError(RuntimeError):
     """A worker could not be started (bwrap failed, imports failed, or start-up timed out)."""
 
 
+# bwrap's --die-with-parent uses PR_SET_PDEATHSIG, which fires when the *thread* that forked the jail exits, not
+# the process. Every jail is therefore started from this one long-lived thread, so a session opened from a
+# short-lived thread (a thread pool, the warm pool's filler) keeps its worker until it is closed.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keye-sandbox-spawn")
+
+
 class WorkerProcess:
     """One jailed interpreter. Killing it kills everything it spawned (its pid namespace dies with it)."""
 
     def __init__(self, jail: Jail) -> None:
         self.jail = jail
         argv, cwd, self.host_workdir = jail.command()
-        self.proc = subprocess.Popen(
+        self.proc = _SPAWNER.submit(
+            subprocess.Popen,
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -59,7 +67,7 @@ class WorkerProcess:
             cwd=cwd,
             env=jail.env(self.host_workdir or jail.config.workdir),
             start_new_session=True,
-        )
+        ).result()
         self.info: dict = {}
         self.sent_files: set[str] = set()
         c = jail.config
