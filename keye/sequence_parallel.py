@@ -346,8 +346,17 @@ class ShardedBatch:
         """Label tokens in this slice (summed over all ranks, every token of every row counts once)."""
         return int((self.shift_labels != IGNORE_INDEX).sum())
 
-    def model_inputs(self, group: dist.ProcessGroup | None) -> dict:
-        """Keyword arguments for ``KeyeVLForConditionalGeneration.forward``; ``group`` is the SP group."""
+    def model_inputs(self, group: dist.ProcessGroup | None = None) -> dict:
+        """Keyword arguments for ``KeyeVLForConditionalGeneration.forward``; ``group`` is the SP group (by default
+        the one ``init_sequence_parallel`` made)."""
+        if group is None and self.sp_size > 1:
+            groups = get_sequence_parallel()
+            if groups is None or groups.sp_group is None:
+                raise RuntimeError(
+                    f"batch was sharded for sp_size {self.sp_size}: call init_sequence_parallel({self.sp_size}) "
+                    "or pass the SP group"
+                )
+            group = groups.sp_group
         if _size(group) != self.sp_size:
             raise ValueError(f"batch was sharded for sp_size {self.sp_size}, the SP group has {_size(group)} ranks")
         return {

@@ -2,7 +2,8 @@
 
 Every rank computes the reference (the whole packed row, no SP) and then its Ulysses slice (sp = world size);
 rank 0 prints one ``SP_RESULT {json}`` line with the largest differences. The row holds a text, a video and an
-image sample; the slice boundary falls inside the video's visual tokens, and the row is padded to a multiple of sp.
+image sample; the slice boundary cuts a video frame's tokens (both ranks encode that frame), rank 0's slice holds no
+image tokens (it runs the dummy ViT input instead), and the row is padded to a multiple of sp.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from data_pipelines.packing import pack_row  # noqa: E402
 from keye.attention import varlen_attention  # noqa: E402
 from keye.modeling import KeyeVLForConditionalGeneration  # noqa: E402
 from keye.processing import KeyeVLProcessor  # noqa: E402
+from keye.rope import split_frames  # noqa: E402
 from keye.sequence_parallel import init_sequence_parallel, shard_packed_batch, ulysses_attention  # noqa: E402
 from tests.spine_fixtures import micro_config, random_clip, random_image  # noqa: E402
 
@@ -32,13 +34,14 @@ def _conv(item: dict | None, question: str, answer: str) -> list[dict]:
 def build_row():
     processor = KeyeVLProcessor()
     samples = [
-        processor.encode_conversation(_conv(None, "Hi there", "Hello, how can I help?")),
+        processor.encode_conversation(_conv(None, "Hi there", "Hello there there there there")),
         processor.encode_conversation(
             _conv({"type": "video", "video": random_clip()}, "Describe the clip.", "Random frames, four of them.")
         ),
         processor.encode_conversation(_conv({"type": "image", "image": random_image(56, 84)}, "What is it?", "Noise.")),
     ]
-    return pack_row(samples, sum(len(s) for s in samples))  # odd length: sharding must pad
+    # 133 tokens: odd, so sharding pads; the middle falls inside the third video frame's tokens.
+    return pack_row(samples, sum(len(s) for s in samples))
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -94,7 +97,7 @@ def main() -> int:
 
     shard = shard_packed_batch(batch, rank, sp)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    out = model(**shard.model_inputs(groups.sp_group))
+    out = model(**shard.model_inputs())  # the SP group init_sequence_parallel made
     out.loss.backward()
     sp_grads = grads(model)
     for g in sp_grads.values():  # the row's gradient is the sum of the SP ranks' gradients
@@ -111,6 +114,12 @@ def main() -> int:
     dist.all_reduce(local_sum)
     offsets = [None] * sp
     dist.all_gather_object(offsets, (shard.image_token_offset, shard.video_token_offset))
+    image_tokens = [None] * sp
+    dist.all_gather_object(image_tokens, int((shard.input_ids == model.config.image_token_id).sum()))
+
+    frames = split_frames(batch.video_grid_thw)
+    frame_tokens = (frames[:, 1] * frames[:, 2] // 4).tolist()
+    frame_starts = [sum(frame_tokens[:i]) for i in range(len(frame_tokens))]
 
     missing = sorted(set(ref_grads) ^ set(sp_grads))
     grad_diff = max((sp_grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads if n in sp_grads)
@@ -122,6 +131,8 @@ def main() -> int:
         "row_length": batch.input_ids.shape[1],
         "padded_length": shard.row_length,
         "slice_offsets_image_video": offsets,
+        "video_frame_starts": frame_starts,
+        "image_tokens_per_rank": image_tokens,
         "loss_without_all_to_all": local_sum.item() / int(ref.num_label_tokens),
         "loss_ref": ref.loss.item(),
         "loss_sp": out.loss.item(),

@@ -87,8 +87,8 @@ def test_shard_errors():
         shard_packed_batch(PackedBatch(row.input_ids.expand(2, -1), row.labels, row.position_ids, row.cu_seqlens), 0, 2)
     with pytest.raises(ValueError, match="sp_rank 2"):
         shard_packed_batch(row, 2, 2)
-    with pytest.raises(ValueError, match="batch was sharded for sp_size 2"):
-        shard_packed_batch(row, 0, 2).model_inputs(None)
+    with pytest.raises(RuntimeError, match=r"sharded for sp_size 2: call init_sequence_parallel\(2\)"):
+        shard_packed_batch(row, 0, 2).model_inputs()
 
 
 def test_single_slice_path_equals_plain_forward():
@@ -139,7 +139,9 @@ def test_two_ranks_match_one_rank():
     assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-3000:]
     r = json.loads(lines[0].removeprefix("SP_RESULT "))
     assert r["padded_length"] == r["row_length"] + 1  # odd row, padded to a multiple of 2
-    assert r["slice_offsets_image_video"][1][1] > 0  # rank 1's slice starts inside the video's tokens
+    (img0, vid0), (img1, vid1) = r["slice_offsets_image_video"]
+    assert (img0, vid0, img1) == (0, 0, 0) and vid1 not in r["video_frame_starts"]  # the cut splits a frame
+    assert r["image_tokens_per_rank"][0] == 0 < r["image_tokens_per_rank"][1]  # rank 0 runs the dummy ViT input
     assert r["labels_sp"] == r["labels_ref"] == r["labels_sum_of_slices"] > 0
     assert r["loss_diff"] < 1e-5
     assert abs(r["loss_without_all_to_all"] - r["loss_ref"]) > 1e-4  # the all-to-all matters

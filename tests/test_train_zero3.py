@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
         cfg = th.run_config(root / name, root / "nano.yaml", [str(visual / "visual-000000.tar"),
                                                               str(text / "text-000000.tar")], **overrides)
         cfg["model"] = {"path": str(root / "init")}
-        cfg["data"].update(max_seq_len=160, shuffle=False)
+        cfg["data"].update(max_seq_len=256, shuffle=False)
         cfg["max_steps"] = STEPS
         cfg["optim"]["lr"] = 1e-2
         cfg["distributed"]["deepspeed_config"] = str(root / "zero3.json")

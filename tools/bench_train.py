@@ -44,6 +44,7 @@ from data_pipelines.packing import pack_row  # noqa: E402
 from keye.attention import resolve_backend  # noqa: E402
 from keye.configuration import KeyeVLConfig, load_model_config  # noqa: E402
 from keye.encoded import IGNORE_INDEX, EncodedSample, PackedBatch  # noqa: E402
+from keye.loss import shift_labels  # noqa: E402
 from keye.modeling import KeyeVLForConditionalGeneration  # noqa: E402
 from keye.rope import multimodal_position_ids  # noqa: E402
 
@@ -133,7 +134,7 @@ def step_flops(model: KeyeVLForConditionalGeneration, row: PackedBatch) -> dict[
     """Model FLOPs of one training step on ``row`` (formulas in the module docstring)."""
     tc, vc = model.config.text_config, model.config.vision_config
     tokens = row.input_ids.numel()
-    n_label = int((row.labels[:, 1:] != IGNORE_INDEX).sum())  # positions that get a next-token target (≈)
+    n_label = int((shift_labels(row.labels, row.cu_seqlens) != IGNORE_INDEX).sum())  # positions with a target
     seg = torch.diff(row.cu_seqlens.long())
     head = tc.vocab_size * tc.hidden_size
     body = _count(model.model) - model.model.embed_tokens.weight.numel()

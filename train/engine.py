@@ -156,3 +156,15 @@ def set_activation_checkpointing(model: torch.nn.Module, vit: bool, llm: bool) -
         for name, module in model.named_modules():
             if name.startswith(prefix) and hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = False
+
+
+def register_zero3_external_parameters(model: torch.nn.Module) -> None:
+    """Tell ZeRO-3 about weights a module reads from a child it never calls, so they are gathered for it: the ViT
+    embeddings use their patch-conv and position-table weights functionally, and the chunked loss reads
+    ``lm_head.weight`` inside the top module's forward."""
+    import deepspeed
+
+    emb = model.visual.vision_model.embeddings
+    for param in (*emb.patch_embedding.parameters(), *emb.position_embedding.parameters()):
+        deepspeed.zero.register_external_parameter(emb, param)
+    deepspeed.zero.register_external_parameter(model, model.lm_head.weight)

@@ -27,6 +27,7 @@ from train.engine import (
     deepspeed_config,
     init_distributed,
     load_model,
+    register_zero3_external_parameters,
     resolve_precision,
     set_activation_checkpointing,
 )
@@ -146,6 +147,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         dist_init_required=False,
     )
     zero3 = engine.zero_optimization_partition_weights()
+    if zero3 and cfg.objective == "lm":
+        register_zero3_external_parameters(engine.module)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     if rank == 0:
