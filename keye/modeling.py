@@ -201,15 +201,17 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         grid = torch.tensor([[1, 2, 2]], device=like.device)
         return self.encode_visual(pixels, grid).sum() * 0.0
 
-    def _scatter_visual(self, embeds, input_ids, token_id, pixel_values, grid_thw, kind) -> torch.Tensor:
-        features = self.encode_visual(pixel_values, grid_thw).to(embeds.dtype)
-        mask = input_ids == token_id
-        n_tokens = int(mask.sum())
-        if n_tokens != features.shape[0]:
-            raise ValueError(
-                f"{kind} placeholder tokens ({n_tokens}) do not match the {kind} features ({features.shape[0]})"
-            )
-        return embeds.masked_scatter(mask.unsqueeze(-1), features)
+    def encode_visual_parts(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Features of several (pixels, grid) groups from ONE ViT call (images and videos together).
+
+        Exactly one ViT forward per model forward keeps ZeRO-3's parameter gathers in step across ranks whatever
+        mix of images, videos or text each rank's micro-batch holds.
+        """
+        frames = [split_frames(grid.to(pixels.device)) for pixels, grid in parts]
+        merge = self.config.vision_config.spatial_merge_size
+        features = self.encode_visual(torch.cat([p for p, _ in parts]), torch.cat(frames))
+        sizes = [int((f[:, 1] * f[:, 2]).sum()) // (merge * merge) for f in frames]
+        return list(features.split(sizes))
 
     def embed_inputs(
         self,
@@ -222,19 +224,25 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """Token embeddings with image and video features placed at their placeholder tokens."""
         embeds = self.model.embed_tokens(input_ids)
-        if pixel_values is not None and pixel_values.numel():
-            embeds = self._scatter_visual(
-                embeds, input_ids, self.config.image_token_id, pixel_values, image_grid_thw, "image"
+        kinds = [
+            (kind, pixels, grid, token_id)
+            for kind, pixels, grid, token_id in (
+                ("image", pixel_values, image_grid_thw, self.config.image_token_id),
+                ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id),
             )
-        if pixel_values_videos is not None and pixel_values_videos.numel():
-            embeds = self._scatter_visual(
-                embeds, input_ids, self.config.video_token_id, pixel_values_videos, video_grid_thw, "video"
-            )
-        no_pixels = (pixel_values is None or not pixel_values.numel()) and (
-            pixel_values_videos is None or not pixel_values_videos.numel()
-        )
-        if always_run_vision and no_pixels:
-            embeds = embeds + self._dummy_visual(embeds)
+            if pixels is not None and pixels.numel()
+        ]
+        if not kinds:
+            return embeds + self._dummy_visual(embeds) if always_run_vision else embeds
+        features = self.encode_visual_parts([(pixels, grid) for _, pixels, grid, _ in kinds])
+        for (kind, _, _, token_id), feats in zip(kinds, features):
+            mask = input_ids == token_id
+            n_tokens = int(mask.sum())
+            if n_tokens != feats.shape[0]:
+                raise ValueError(
+                    f"{kind} placeholder tokens ({n_tokens}) do not match the {kind} features ({feats.shape[0]})"
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
         return embeds
 
     # --- positions -------------------------------------------------------------------------------------------

@@ -271,37 +271,38 @@ class SequenceShard:
         """Token embeddings of the slice, with the features of the visual tokens that fall in it.
 
         Only the images/frames holding those tokens go through the ViT (a frame cut by the slice boundary is
-        encoded by both ranks). Every rank calls the ViT once per visual kind the row has, a dummy 2×2 input
-        when its slice holds none of them, so ZeRO-3 parameter gathers stay in step across ranks.
+        encoded by both ranks). Every rank calls the ViT exactly once when the row has pixels (images and videos in one
+        call; a dummy 2×2 input when its slice holds none), so ZeRO-3 parameter gathers stay in step across ranks.
         """
         cfg = model.config
         embeds = model.model.embed_tokens(input_ids)
-        ran_vision = False
         inputs = (
             ("image", pixel_values, image_grid_thw, cfg.image_token_id, self.image_token_offset),
             ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id, self.video_token_offset),
         )
+        wanted = []  # (kind, token mask, pixels, frames, skip, n_local) of the frames holding this slice's tokens
         for kind, pixels, grid, token_id, offset in inputs:
             if pixels is None or not pixels.numel():
                 continue
-            ran_vision = True
             mask = input_ids == token_id
             n_local = int(mask.sum())
-            if n_local == 0:
-                embeds = embeds + model._dummy_visual(embeds)
-                continue
-            features = _slice_features(model, pixels, grid, offset, n_local, kind).to(embeds.dtype)
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features)
-        if always_run_vision and not ran_vision:
-            embeds = embeds + model._dummy_visual(embeds)
+            if n_local:
+                wanted.append((kind, mask, *_slice_frames(model, pixels, grid, offset, n_local, kind), n_local))
+        if not wanted:
+            has_pixels = any(p is not None and p.numel() for _, p, *_ in inputs)
+            return embeds + model._dummy_visual(embeds) if (always_run_vision or has_pixels) else embeds
+        features = model.encode_visual_parts([(pixels, frames) for _, _, pixels, frames, _, _ in wanted])
+        for (_, mask, _, _, skip, n_local), feats in zip(wanted, features):
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats[skip : skip + n_local].to(embeds.dtype))
         return embeds
 
 
-def _slice_features(
+def _slice_frames(
     model: torch.nn.Module, pixels: torch.Tensor, grid: torch.Tensor, offset: int, n_tokens: int, kind: str
-) -> torch.Tensor:
-    """Features of the row's visual tokens ``[offset, offset + n_tokens)``, encoding only the frames that hold them
-    (each image or video frame is its own ViT sequence and its own 2×2 merge grid, so frames are independent)."""
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Pixels and frame grids of the frames holding the row's visual tokens ``[offset, offset + n_tokens)``, and how
+    many leading tokens of their features to skip (each image or video frame is its own ViT sequence and its own
+    2×2 merge grid, so frames are independent and only these need encoding)."""
     merge = model.config.vision_config.spatial_merge_size
     frames = split_frames(grid)
     patches = (frames[:, 1] * frames[:, 2]).tolist()
@@ -313,8 +314,7 @@ def _slice_features(
         tok_start += n_tok
         patch_start += n_patch
         if first is not None and tok_start >= offset + n_tokens:
-            features = model.encode_visual(pixels[p0:patch_start], frames[first : i + 1])
-            return features[skip : skip + n_tokens]
+            return pixels[p0:patch_start], frames[first : i + 1], skip
     raise ValueError(
         f"{kind} tokens {offset}..{offset + n_tokens} of this slice exceed the row's {tok_start} {kind} tokens"
     )

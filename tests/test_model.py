@@ -263,3 +263,22 @@ def test_generate_uses_multimodal_positions(model, processor):
         ).logits[0]
     prompt_len = len(sample)
     assert logits[prompt_len - 1 : -1].argmax(-1).tolist() == full[prompt_len:].tolist()
+
+
+def test_vision_tower_runs_exactly_once_per_forward(model, processor):
+    """ZeRO-3 gathers stay in step only if every rank makes the same number of ViT calls per forward."""
+    calls = []
+    handle = model.visual.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        both = processor.encode_conversation(
+            _conv({"type": "image", "image": random_image(56, 56)}, {"type": "video", "video": random_clip()})
+        )
+        with torch.no_grad():
+            _forward(model, both)
+            assert len(calls) == 1
+            model(input_ids=torch.tensor([[1, 2, 3]]), always_run_vision=True)
+            assert len(calls) == 2
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+            assert len(calls) == 2
+    finally:
+        handle.remove()

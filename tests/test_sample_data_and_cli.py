@@ -29,7 +29,9 @@ def test_every_record_validates_and_encodes(sample_root):
     for name in ("pretrain.jsonl", "sft.jsonl"):
         for rec in _records(sample_root / name):
             validate_record(rec)
-            sample = processor.encode_conversation(rec["messages"], mode=rec.get("mode"), media_root=sample_root / "media")
+            sample = processor.encode_conversation(
+                rec["messages"], mode=rec.get("mode"), media_root=sample_root / "media"
+            )
             assert sample.num_label_tokens > 0, rec["id"]
 
 
@@ -50,7 +52,9 @@ def test_rl_prompts_carry_solutions_and_five_hints(sample_root):
 
 def test_init_and_chat_commands(tmp_path, sample_root, capsys):
     out = tmp_path / "ckpt"
-    assert main(["init", "--config", "configs/model/tiny.yaml", "--out", str(out), "text_config.num_hidden_layers=1"]) == 0
+    assert (
+        main(["init", "--config", "configs/model/tiny.yaml", "--out", str(out), "text_config.num_hidden_layers=1"]) == 0
+    )
     assert (out / "config.json").is_file() and (out / "keye_processor_config.json").is_file()
     video = sample_root / "media" / "videos" / "cuts_2.mp4"
     code = main(["chat", "--model", str(out), "--video", str(video), "--max-new-tokens", "4", "--think", "Why?"])

@@ -104,9 +104,27 @@ def _launch_nodes(cfg: Path) -> list[subprocess.Popen]:
     port = th.free_port()
     return [
         subprocess.Popen(
-            [str(th.VENV_BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r),
-             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "train", str(cfg)],
-            cwd=th.REPO, env=th.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                str(th.VENV_BIN / "torchrun"),
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(r),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "train",
+                str(cfg),
+            ],
+            cwd=th.REPO,
+            env=th.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         for r in (0, 1)

@@ -36,10 +36,14 @@ def setup(tmp_path_factory):
 
     def config(name: str, **overrides) -> Path:
         # no shuffling, shards in this order: rank 0 reads the visual shard, rank 1 the text shard
-        cfg = th.run_config(root / name, root / "nano.yaml", [str(visual / "visual-000000.tar"),
-                                                              str(text / "text-000000.tar")], **overrides)
+        cfg = th.run_config(
+            root / name,
+            root / "nano.yaml",
+            [str(visual / "visual-000000.tar"), str(text / "text-000000.tar")],
+            **overrides,
+        )
         cfg["model"] = {"path": str(root / "init")}
-        cfg["data"].update(max_seq_len=256, shuffle=False)
+        cfg["data"].update(max_seq_len=160, shuffle=False)  # an image row, a video row, …
         cfg["max_steps"] = STEPS
         cfg["optim"]["lr"] = 1e-2
         cfg["distributed"]["deepspeed_config"] = str(root / "zero3.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -43,7 +44,23 @@ NANO_MODEL = {
     "attn_backend": "sdpa",
 }
 
-WORDS = ["red", "green", "blue", "square", "circle", "stripes", "dots", "left", "right", "top", "bottom", "bright", "dark", "small", "large"]
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "square",
+    "circle",
+    "stripes",
+    "dots",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "bright",
+    "dark",
+    "small",
+    "large",
+]
 
 
 def caption(i: int) -> str:
@@ -242,10 +259,8 @@ def kill_tree(proc: subprocess.Popen, sig: int) -> None:
     except psutil.NoSuchProcess:
         return
     for p in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:

@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from keye.inference import ChatEngine
-
     from train.rl.hints import build_ladders
 
     records = _read_jsonl(args.input)

@@ -14,7 +14,7 @@ from keye.typed_config import ConfigError, load_config
 
 MODULES = ("vit", "projector", "llm")
 SCHEDULES = ("cosine", "wsd", "constant")
-OBJECTIVES = ("lm", "siglip")
+OBJECTIVES = ("lm",)  # stage 0 (SigLIP contrastive ViT training) is not implemented yet
 
 
 @dataclass
@@ -114,22 +114,9 @@ class WandbConfig:
 
 
 @dataclass
-class SiglipConfig:
-    """Stage 0: the ViT against a SigLIP text tower with the sigmoid loss."""
-
-    text_tower: str | None = None  # local SiglipTextModel checkpoint (with its tokenizer)
-    text_config: dict[str, Any] = field(default_factory=dict)  # a fresh SiglipTextConfig when no text_tower
-    pooling: str = "mean"  # mean | attention
-    batch_size: int = 8  # image–caption pairs per micro-batch
-    max_text_len: int = 64
-    init_logit_scale: float = 2.302585  # log(10), as in SigLIP
-    init_logit_bias: float = -10.0
-
-
-@dataclass
 class TrainConfig:
     stage: str = "train"  # a name for logs and the export (stage0, stage1, sft, …)
-    objective: str = "lm"  # lm: next-token CE; siglip: stage-0 contrastive
+    objective: str = "lm"  # lm: next-token CE on label tokens
     output_dir: str = "runs/train"
     model: ModelInit = field(default_factory=ModelInit)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,7 +132,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    siglip: SiglipConfig = field(default_factory=SiglipConfig)
     max_nonfinite_steps: int = 3  # abort after this many non-finite steps in a row
 
 
@@ -160,7 +146,7 @@ def _check(cfg: TrainConfig, source: str) -> None:
     unknown = [m for m in cfg.freeze if m not in MODULES]
     if unknown:
         raise bad("freeze", f"a list of {MODULES}", cfg.freeze)
-    if len(set(cfg.freeze)) == len(MODULES) and cfg.objective == "lm":
+    if len(set(cfg.freeze)) == len(MODULES):
         raise bad("freeze", "at least one trainable module", cfg.freeze)
     if cfg.schedule.kind not in SCHEDULES:
         raise bad("schedule.kind", f"one of {SCHEDULES}", cfg.schedule.kind)
@@ -170,8 +156,6 @@ def _check(cfg: TrainConfig, source: str) -> None:
         raise bad("distributed.zero_stage", "0, 1, 2 or 3", cfg.distributed.zero_stage)
     if cfg.wandb.mode not in ("offline", "online", "disabled", "none"):
         raise bad("wandb.mode", "offline, online, disabled or none", cfg.wandb.mode)
-    if cfg.siglip.pooling not in ("mean", "attention"):
-        raise bad("siglip.pooling", "mean or attention", cfg.siglip.pooling)
     for key in ("max_steps", "grad_accum_steps", "micro_batch_rows", "checkpoint.every_steps", "logging.every_steps"):
         obj: Any = cfg
         for part in key.split("."):

@@ -50,10 +50,9 @@ class Task:
     processor: Any
     data: Any  # next() -> micro-batch, state_dict/load_state_dict, skipped(), resume_skipped()
     count: Callable[[Any], torch.Tensor]  # loss items (label tokens, pairs) in a micro-batch
-    forward: Callable[[Any, Any, torch.Tensor, int], torch.Tensor]  # (engine, batch, denom, extra_visual) -> loss
+    forward: Callable[[Any, Any, torch.Tensor], torch.Tensor]  # (engine, batch, denom) -> loss
     tokens: Callable[[Any], int]  # tokens processed, for throughput
     export: Callable[[Any, Path, int], None]  # (engine, out_dir, rank): HF export
-    visual_calls: Callable[[Any], int] = lambda batch: 0  # ViT calls a micro-batch makes (ZeRO-3 alignment)
 
 
 def lm_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world: int, device: torch.device) -> Task:
@@ -64,13 +63,11 @@ def lm_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world:
     set_activation_checkpointing(model, cfg.activation_checkpointing.vit, cfg.activation_checkpointing.llm)
     data = TrainData(cfg.data, processor, cfg.seed, rank, world, cfg.micro_batch_rows)
 
-    def forward(engine: Any, batch: Any, denom: torch.Tensor, extra_visual: int) -> torch.Tensor:
-        # ZeRO-3 gathers parameters collectively per module call, so every rank must run the ViT equally often and
-        # before the LLM: always_run_vision covers a micro-batch without pixels, and ``extra_visual`` zero-weighted
-        # probes make up for ranks whose micro-batch holds both images and videos (two ViT calls).
-        probes = sum(vision_probe(engine.module, device) for _ in range(extra_visual))
+    def forward(engine: Any, batch: Any, denom: torch.Tensor) -> torch.Tensor:
+        # ZeRO-3 gathers parameters collectively per module call, so every rank must run the ViT equally often:
+        # always_run_vision makes a micro-batch without pixels run it once on a zero-weighted dummy input.
         out = engine(**batch.to(device).model_inputs(), num_items_in_batch=denom, always_run_vision=True)
-        return out.loss + probes if extra_visual else out.loss
+        return out.loss
 
     return Task(
         model=model,
@@ -78,24 +75,9 @@ def lm_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world:
         data=data,
         count=label_count,
         forward=forward,
-        visual_calls=visual_calls,
         tokens=lambda b: int(b.input_ids.numel()),
         export=lambda engine, out, r: export_hf(engine, processor, out, r),
     )
-
-
-def visual_calls(batch: Any) -> int:
-    """ViT calls the model makes for a packed micro-batch: one per modality present, one dummy call if none."""
-    n = sum(t is not None and t.numel() > 0 for t in (batch.pixel_values, batch.pixel_values_videos))
-    return max(n, 1)
-
-
-def vision_probe(model: Any, device: torch.device) -> torch.Tensor:
-    """A zero-weighted 2×2-patch ViT + projector pass (same modules, same gathers as a real visual call)."""
-    p = model.config.vision_config.patch_size
-    dtype = model.mlp_AR.parameters().__next__().dtype
-    pixels = torch.zeros(4, 3 * p * p, device=device, dtype=dtype)
-    return model.encode_visual(pixels, torch.tensor([[1, 2, 2]], device=device)).float().sum() * 0.0
 
 
 class StopFlag:
@@ -129,16 +111,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     precision = resolve_precision(cfg, device)
     ds_config = deepspeed_config(cfg, world, precision)
     torch.manual_seed(cfg.seed)
-    if cfg.objective == "siglip":
-        from train.siglip_stage import siglip_task
-
-        task = siglip_task(cfg, ds_config, precision, rank, world, device)
-    else:
-        task = lm_task(cfg, ds_config, precision, rank, world, device)
+    task = lm_task(cfg, ds_config, precision, rank, world, device)
 
     import deepspeed
 
-    groups = param_groups(task.model, cfg.optim) if cfg.objective == "lm" else task.model.param_groups(cfg.optim)
+    groups = param_groups(task.model, cfg.optim)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=task.model,
         optimizer=build_optimizer(groups, cfg.optim),
@@ -147,7 +124,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         dist_init_required=False,
     )
     zero3 = engine.zero_optimization_partition_weights()
-    if zero3 and cfg.objective == "lm":
+    if zero3:
         register_zero3_external_parameters(engine.module)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -169,8 +146,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if resumed_from is not None:
         counters.update(state.get("counters", {}))
 
-    def checkpoint(at: int) -> None:
-        rank_state = {"step": at, "rng": rng_state(), "data": task.data.state_dict(), "counters": dict(counters)}
+    def checkpoint(at: int, data_state: dict | None = None) -> None:
+        data_state = data_state if data_state is not None else task.data.state_dict()
+        rank_state = {"step": at, "rng": rng_state(), "data": data_state, "counters": dict(counters)}
         path = save_checkpoint(
             engine,
             ckpt_root,
@@ -193,6 +171,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     first = True
     try:
         while step < cfg.max_steps:
+            before_fetch = task.data.state_dict()  # a stop before this step must not lose its micro-batches
             batches, exhausted = [], False
             for _ in range(cfg.grad_accum_steps):
                 try:
@@ -223,19 +202,16 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             dist.all_reduce(agree)
             if agree[1] > 0 or agree[2] > 0:  # host sync, once per step: every rank must take the same branch
                 stopped_by = "signal" if agree[1] > 0 else "data_exhausted"
+                if last_saved != step:
+                    checkpoint(step, before_fetch)
+                    last_saved = step
                 break
             global_count = agree[0]
             denom = (global_count / world).clamp(min=1.0 / world).float()
 
-            extra = [0] * len(batches)
-            if zero3:  # align the number of ViT calls per micro-batch across ranks (see lm_task)
-                calls = torch.tensor([task.visual_calls(b) for b in batches], device=device)
-                most = calls.clone()
-                dist.all_reduce(most, op=dist.ReduceOp.MAX)
-                extra = (most - calls).tolist()
             step_loss = torch.zeros((), device=device, dtype=torch.float64)
-            for batch, n_extra in zip(batches, extra):
-                loss = task.forward(engine, batch, denom, n_extra)
+            for batch in batches:
+                loss = task.forward(engine, batch, denom)
                 engine.backward(loss, scale_wrt_gas=False)
                 engine.step()
                 step_loss += loss.detach().double()
