@@ -44,6 +44,13 @@ class EncodedSample:
     def num_label_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
+    @property
+    def num_visual_tokens(self) -> int:
+        """Image and video placeholder tokens (what the ViT + projector fill in)."""
+        from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+
+        return int(((self.input_ids == IMAGE_TOKEN_ID) | (self.input_ids == VIDEO_TOKEN_ID)).sum())
+
 
 @dataclass
 class PackedBatch:

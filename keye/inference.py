@@ -122,7 +122,7 @@ class ChatEngine:
         new = out[:, batch["input_ids"].shape[1] :].tolist()
         cleaned = [_strip_after_eos(ids, {tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id}) for ids in new]
         texts = [tok.decode(ids, skip_special_tokens=True) for ids in cleaned]
-        visual = [int(((s.input_ids == 151655) | (s.input_ids == 151656)).sum()) for s in samples]
+        visual = [s.num_visual_tokens for s in samples]
         return GenerationResult(
             texts=texts,
             token_ids=cleaned,

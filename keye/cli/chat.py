@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return run_with_tools(args, engine)
     conversation = build_conversation(args.prompt, args.image, args.video, video_opts)
     sample = engine.encode([conversation], mode=args.mode)[0]
-    visual = int(((sample.input_ids == 151655) | (sample.input_ids == 151656)).sum())
+    visual = sample.num_visual_tokens
     print(f"[prompt: {len(sample)} tokens, {visual} visual]", file=sys.stderr)
     streamer = TimedTextStreamer(engine.processor.tokenizer, lambda t: print(t, end="", flush=True))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)

@@ -161,7 +161,7 @@ class WebDemo:
         self._keep_thumbs(job, thumbs)
         for f in frames:
             f["url"] = f"/api/frames/{job}/{f['index']}.jpg"
-        visual = int(((sample.input_ids == 151655) | (sample.input_ids == 151656)).sum())
+        visual = sample.num_visual_tokens
         event = {
             "job": job,
             "kind": media.kind,
