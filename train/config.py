@@ -14,7 +14,7 @@ from keye.typed_config import ConfigError, load_config
 
 MODULES = ("vit", "projector", "llm")
 SCHEDULES = ("cosine", "wsd", "constant")
-OBJECTIVES = ("lm",)  # stage 0 (SigLIP contrastive ViT training) is not implemented yet
+OBJECTIVES = ("lm", "siglip")  # lm: next-token CE (stages 1-3, SFT); siglip: stage-0 contrastive ViT training
 
 
 @dataclass
@@ -49,6 +49,35 @@ class DataConfig:
     image_max_pixels: int | None = None
     video: dict[str, Any] = field(default_factory=dict)  # VideoOptions overrides (fps, max_frames, …)
     num_workers: int = 0  # dataloader processes decoding media; their states are checkpointed per worker
+    # Drop records whose response breaks the grammar of their SFT mode (train.sft_mix.filter_by_mode, mode from
+    # the record's ``source``), counted per reason. SFT run configs set it; pretraining data has no SFT modes.
+    check_modes: bool = False
+
+
+@dataclass
+class PathsConfig:
+    """``root``: the directory that relative shard patterns, ``model.path``, ``output_dir`` and
+    ``siglip.text_path`` are read against (``paths.root=DIR`` on the command line moves a whole run config to
+    another data/run tree). ``None``: the working directory, then the repository root."""
+
+    root: str | None = None
+
+
+@dataclass
+class SiglipConfig:
+    """Stage 0 (``objective: siglip``): the ViT trained with the SigLIP sigmoid loss against a SigLIP text tower.
+
+    The text tower comes from ``text_path`` (a ``SiglipTextModel`` or dual-tower ``SiglipModel`` checkpoint
+    directory with its tokenizer, or the ``siglip/`` folder of a previous stage-0 export, which also restores
+    the image head and the logit scale/bias) or, for a fresh run, is built at random from ``text_config``
+    (``SiglipTextConfig`` fields; the vocabulary defaults to the Keye tokenizer's, which then tokenises)."""
+
+    text_path: str | None = None
+    text_config: dict[str, Any] = field(default_factory=dict)
+    freeze_text: bool = False
+    text_lr: float | None = None  # None: optim.lr
+    batch_size: int = 32  # image-caption pairs per micro-batch per data-parallel rank
+    max_text_len: int = 64  # captions are cut/padded to this many tokens (SigLIP pads to a fixed length)
 
 
 @dataclass
@@ -116,8 +145,9 @@ class WandbConfig:
 @dataclass
 class TrainConfig:
     stage: str = "train"  # a name for logs and the export (stage0, stage1, sft, …)
-    objective: str = "lm"  # lm: next-token CE on label tokens
+    objective: str = "lm"  # lm: next-token CE on label tokens; siglip: stage-0 ViT contrastive training
     output_dir: str = "runs/train"
+    paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelInit = field(default_factory=ModelInit)
     data: DataConfig = field(default_factory=DataConfig)
     micro_batch_rows: int = 1  # packed rows per micro-batch (concatenated into one varlen row)
@@ -133,6 +163,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     max_nonfinite_steps: int = 3  # abort after this many non-finite steps in a row
+    siglip: SiglipConfig = field(default_factory=SiglipConfig)
 
 
 def _check(cfg: TrainConfig, source: str) -> None:
@@ -167,13 +198,48 @@ def _check(cfg: TrainConfig, source: str) -> None:
     for i, src in enumerate(cfg.data.sources):
         if not src.shards:
             raise bad(f"data.sources[{i}].shards", "a non-empty list of shard patterns", src.shards)
+    if cfg.distributed.sequence_parallel_size < 1:
+        raise bad("distributed.sequence_parallel_size", "an integer >= 1", cfg.distributed.sequence_parallel_size)
+    if cfg.objective == "siglip":
+        sig = cfg.siglip
+        if bool(sig.text_path) == bool(sig.text_config):
+            raise bad("siglip", "exactly one of siglip.text_path (checkpoint) or siglip.text_config (fresh tower)", sig)
+        if "vit" in cfg.freeze:
+            raise bad(
+                "freeze", "a list without vit (objective siglip trains the ViT; LLM/projector never train)", cfg.freeze
+            )
+        if sig.batch_size < 1 or sig.max_text_len < 2:
+            raise bad("siglip.batch_size/max_text_len", ">= 1 and >= 2", (sig.batch_size, sig.max_text_len))
+        if cfg.distributed.sequence_parallel_size > 1:
+            raise bad(
+                "distributed.sequence_parallel_size",
+                "1 for objective siglip (pairs are short)",
+                cfg.distributed.sequence_parallel_size,
+            )
+
+
+def _rooted(path: str | None, root: str) -> str | None:
+    return path if path is None or Path(path).is_absolute() else str(Path(root) / path)
+
+
+def apply_root(cfg: TrainConfig) -> TrainConfig:
+    """Read relative run paths (shards, model.path, output_dir, siglip.text_path) against ``paths.root``."""
+    root = cfg.paths.root
+    if not root:
+        return cfg
+    for src in cfg.data.sources:
+        src.shards = [_rooted(p, root) for p in src.shards]
+    cfg.model.path = _rooted(cfg.model.path, root)
+    cfg.output_dir = _rooted(cfg.output_dir, root)
+    cfg.siglip.text_path = _rooted(cfg.siglip.text_path, root)
+    return cfg
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """The run config from a YAML file plus ``key=value`` overrides, checked for values the schema cannot type."""
     cfg = load_config(TrainConfig, path, overrides)
     _check(cfg, f"{path}{' + overrides' if overrides else ''}")
-    return cfg
+    return apply_root(cfg)
 
 
 def repo_root() -> Path:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from torch.utils.data import IterableDataset
 
 from data_pipelines.packing import Packer
 from data_pipelines.reader import MappedStream, ShardStream, SourceSpec
@@ -141,49 +142,85 @@ def _skip_stats(state: Any, into: Counter) -> None:
             _skip_stats(v, into)
 
 
-class TrainData:
-    """This rank's micro-batches (``micro_batch_rows`` packed rows each), with an exact ``state_dict``."""
+class RecordFilter(IterableDataset):
+    """Drops ``(record, media)`` samples for which ``reject(record)`` gives a reason, before any media is decoded;
+    the drops are counted per reason as ``skipped_<name>/<reason>`` in its (checkpointed) stats."""
+
+    def __init__(self, stream: Iterable, reject: Callable[[dict], str | None], name: str) -> None:
+        self.stream, self.reject, self.name = stream, reject, name
+        self.stats: Counter = Counter()
+
+    def __iter__(self) -> Iterator[Any]:
+        for sample in self.stream:
+            reason = self.reject(sample[0])
+            if reason is None:
+                yield sample
+                continue
+            self.stats[f"skipped_{self.name}/{reason[:120]}"] += 1
+            log.debug("skipping record %r: %s", sample[0].get("id"), reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict(), "stats": dict(self.stats)}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])  # type: ignore[attr-defined]
+        self.stats = Counter(state["stats"])
+
+
+def mode_rejection(record: dict) -> str | None:
+    """Why an SFT record's response does not fit its reasoning mode (``train.sft_mix.filter_by_mode``)."""
+    from train.sft_mix import filter_by_mode
+
+    return filter_by_mode(record)
+
+
+def record_stream(cfg: DataConfig, seed: int, rank: int, world: int) -> IterableDataset:
+    """This data-parallel rank's ``(record, media)`` stream: mixed shard sources, mode-checked when configured."""
+    sources = [SourceSpec(s.name, [resolve_path(p) for p in s.shards], s.weight) for s in cfg.sources]
+    stream: IterableDataset = ShardStream(
+        sources, seed, cfg.shuffle_buffer, cfg.shuffle, cfg.epochs, rank=rank, world_size=world
+    )
+    if cfg.check_modes:
+        stream = RecordFilter(stream, mode_rejection, "mode")
+    return stream
+
+
+class StreamData:
+    """This rank's micro-batches from a stateful stream of batch units (``group`` units per micro-batch, joined by
+    ``combine``), read in-process or by ``num_workers`` dataloader processes, with an exact ``state_dict``."""
 
     def __init__(
-        self, cfg: DataConfig, processor: KeyeVLProcessor, seed: int, rank: int, world: int, micro_batch_rows: int = 1
+        self,
+        units: IterableDataset,
+        num_workers: int,
+        group: int = 1,
+        combine: Callable[[list[Any]], Any] | None = None,
+        reader: ShardStream | None = None,
     ) -> None:
-        sources = [SourceSpec(s.name, [resolve_path(p) for p in s.shards], s.weight) for s in cfg.sources]
-        self.stream = ShardStream(
-            sources, seed, cfg.shuffle_buffer, cfg.shuffle, cfg.epochs, rank=rank, world_size=world
-        )
-        self.mapped = MappedStream(self.stream, make_encoder(processor, cfg.mode), errors=(ValueError, OSError))
-        self.packer = Packer(
-            self.mapped,
-            cfg.max_seq_len,
-            truncate=cfg.truncate,
-            lookahead=cfg.lookahead,
-            pad_to_multiple_of=cfg.pad_to_multiple_of,
-        )
-        self.rows_per_micro = micro_batch_rows
-        self.num_workers = cfg.num_workers
-        self.loader: Any = self.packer
-        if cfg.num_workers > 0:
+        self.units, self.group, self.num_workers = units, group, num_workers
+        self.combine = combine or (lambda items: items[0])
+        self.reader = reader
+        self.loader: Any = units
+        if num_workers > 0:
             from torchdata.stateful_dataloader import StatefulDataLoader
 
-            self.loader = StatefulDataLoader(
-                self.packer, batch_size=None, num_workers=cfg.num_workers, persistent_workers=True
-            )
-        self._it: Iterator[PackedBatch] | None = None
+            self.loader = StatefulDataLoader(units, batch_size=None, num_workers=num_workers, persistent_workers=True)
+        self._it: Iterator[Any] | None = None
         self.resumed = False
 
-    def next(self) -> PackedBatch:
+    def next(self) -> Any:
         """The next micro-batch; raises ``StopIteration`` when finite sources are done."""
         if self._it is None:
             self._it = iter(self.loader)
-        rows = []
-        for _ in range(self.rows_per_micro):
-            row = next(self._it, None)
-            if row is None:
+        items = []
+        for _ in range(self.group):
+            item = next(self._it, None)
+            if item is None:
                 break
-            rows.append(row)
-        if not rows:
+            items.append(item)
+        if not items:
             raise StopIteration
-        return concat_rows(rows)
+        return self.combine(items)
 
     def state_dict(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict(), "num_workers": self.num_workers}
@@ -198,15 +235,16 @@ class TrainData:
         self._it, self.resumed = None, True
 
     def skipped(self) -> dict[str, int]:
-        """Samples skipped so far (bad media, over-long, …) by reason; read from the states, so workers count too."""
+        """Samples skipped so far (bad media, over-long, wrong mode, …) by reason; read from the states, so
+        workers count too."""
         counts: Counter = Counter()
         _skip_stats(self.loader.state_dict(), counts)
         return dict(counts)
 
     def resume_skipped(self) -> int:
         """Tar groups passed over to get back into position after a resume (0 in a fresh run)."""
-        if self.num_workers == 0:
-            return int(self.stream.stats.get("resume_skipped", 0))
+        if self.num_workers == 0 and self.reader is not None:
+            return int(self.reader.stats.get("resume_skipped", 0))
         found: Counter = Counter()
 
         def walk(s: Any) -> None:
@@ -221,3 +259,52 @@ class TrainData:
 
         walk(self.loader.state_dict())
         return int(found["n"])
+
+
+def reader_of(stream: Any) -> ShardStream | None:
+    while stream is not None and not isinstance(stream, ShardStream):
+        stream = getattr(stream, "stream", None)
+    return stream
+
+
+class TrainData(StreamData):
+    """Packed LM rows: records → ``EncodedSample`` → packed rows, ``micro_batch_rows`` rows per micro-batch."""
+
+    def __init__(
+        self, cfg: DataConfig, processor: KeyeVLProcessor, seed: int, rank: int, world: int, micro_batch_rows: int = 1
+    ) -> None:
+        records = record_stream(cfg, seed, rank, world)
+        self.mapped = MappedStream(records, make_encoder(processor, cfg.mode), errors=(ValueError, OSError))
+        self.packer = Packer(
+            self.mapped,
+            cfg.max_seq_len,
+            truncate=cfg.truncate,
+            lookahead=cfg.lookahead,
+            pad_to_multiple_of=cfg.pad_to_multiple_of,
+        )
+        super().__init__(self.packer, cfg.num_workers, micro_batch_rows, concat_rows, reader_of(records))
+
+
+class ShardedData:
+    """Micro-batches of ``data`` cut to this rank's sequence-parallel slice (``keye.sequence_parallel``): the
+    ranks of one SP group read the same rows (``data`` is split by data-parallel rank) and each keeps its part."""
+
+    def __init__(self, data: StreamData, sp_rank: int, sp_size: int) -> None:
+        self.data, self.sp_rank, self.sp_size = data, sp_rank, sp_size
+
+    def next(self) -> Any:
+        from keye.sequence_parallel import shard_packed_batch
+
+        return shard_packed_batch(self.data.next(), self.sp_rank, self.sp_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.data.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data.load_state_dict(state)
+
+    def skipped(self) -> dict[str, int]:
+        return self.data.skipped()
+
+    def resume_skipped(self) -> int:
+        return self.data.resume_skipped()

@@ -161,10 +161,11 @@ def set_activation_checkpointing(model: torch.nn.Module, vit: bool, llm: bool) -
 def register_zero3_external_parameters(model: torch.nn.Module) -> None:
     """Tell ZeRO-3 about weights a module reads from a child it never calls, so they are gathered for it: the ViT
     embeddings use their patch-conv and position-table weights functionally, and the chunked loss reads
-    ``lm_head.weight`` inside the top module's forward."""
+    ``lm_head.weight`` inside the top module's forward (the stage-0 tower has no LM head)."""
     import deepspeed
 
     emb = model.visual.vision_model.embeddings
     for param in (*emb.patch_embedding.parameters(), *emb.position_embedding.parameters()):
         deepspeed.zero.register_external_parameter(emb, param)
-    deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
+    if hasattr(model, "lm_head"):
+        deepspeed.zero.register_external_parameter(model, model.lm_head.weight)

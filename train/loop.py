@@ -4,6 +4,12 @@ Per optimizer step every rank fetches its ``grad_accum_steps`` micro-batches, th
 the step's global label-token count (and on whether to stop), then each micro-batch's loss is its *sum* of token
 losses divided by ``count / world`` — DeepSpeed averages gradients over ranks, so the update is exactly the
 per-token mean over every label token of the step, however tokens fall across rows, micro-batches and ranks.
+
+The objective decides the ``Task``: ``lm`` (stages 1–3, SFT) or ``siglip`` (stage 0, pairs instead of tokens).
+With Ulysses sequence parallelism (``distributed.sequence_parallel_size`` = sp > 1) the ranks of one SP group read
+the same rows (data split by data-parallel rank) and each trains on its slice; counting each rank's slice labels
+keeps the normalisation above exact, and since every SP rank reports the whole row's loss the logged loss is
+divided by sp.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from keye.sequence_parallel import init_sequence_parallel
 from keye.typed_config import save_config
 from train.checkpoint import complete_checkpoints, export_hf, load_checkpoint, rng_state, save_checkpoint
 from train.config import TrainConfig
-from train.data import TrainData, configure_processor, label_count
+from train.data import ShardedData, TrainData, configure_processor, label_count
 from train.engine import (
     deepspeed_config,
     init_distributed,
@@ -34,6 +41,7 @@ from train.engine import (
 from train.freeze import apply_freeze
 from train.metrics import MetricLogger, Throughput, memory_gb
 from train.optim import build_optimizer, param_groups, scheduler_factory
+from train.siglip import build_tower, pair_data, tower_param_groups
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +61,21 @@ class Task:
     forward: Callable[[Any, Any, torch.Tensor], torch.Tensor]  # (engine, batch, denom) -> loss
     tokens: Callable[[Any], int]  # tokens processed, for throughput
     export: Callable[[Any, Path, int], None]  # (engine, out_dir, rank): HF export
+    groups: list[dict]  # optimizer parameter groups
+    loss_replicas: int = 1  # ranks that report the same loss term (the SP group size): the logged mean divides by it
 
 
-def lm_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world: int, device: torch.device) -> Task:
-    """Next-token prediction on packed rows (stages 1–3, SFT)."""
+def lm_task(
+    cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world: int, device: torch.device, sp: Any
+) -> Task:
+    """Next-token prediction on packed rows (stages 1–3, SFT), sliced across the SP group when sp > 1."""
     model, processor = load_model(cfg, ds_config, precision)
     configure_processor(processor, cfg.data)
     apply_freeze(model, cfg.freeze)
     set_activation_checkpointing(model, cfg.activation_checkpointing.vit, cfg.activation_checkpointing.llm)
-    data = TrainData(cfg.data, processor, cfg.seed, rank, world, cfg.micro_batch_rows)
+    data: Any = TrainData(cfg.data, processor, cfg.seed, sp.dp_rank, sp.dp_size, cfg.micro_batch_rows)
+    if sp.sp_size > 1:
+        data = ShardedData(data, sp.sp_rank, sp.sp_size)
 
     def forward(engine: Any, batch: Any, denom: torch.Tensor) -> torch.Tensor:
         # ZeRO-3 gathers parameters collectively per module call, so every rank must run the ViT equally often:
@@ -69,14 +83,48 @@ def lm_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world:
         out = engine(**batch.to(device).model_inputs(), num_items_in_batch=denom, always_run_vision=True)
         return out.loss
 
+    def count(batch: Any) -> torch.Tensor:
+        return torch.tensor(batch.num_label_tokens) if sp.sp_size > 1 else label_count(batch)
+
     return Task(
         model=model,
         processor=processor,
         data=data,
-        count=label_count,
+        count=count,
         forward=forward,
         tokens=lambda b: int(b.input_ids.numel()),
         export=lambda engine, out, r: export_hf(engine, processor, out, r),
+        groups=param_groups(model, cfg.optim),
+        loss_replicas=sp.sp_size,
+    )
+
+
+def siglip_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world: int, device: torch.device) -> Task:
+    """Stage 0: the ViT against a SigLIP text tower with the sigmoid loss (``train/siglip.py``); a micro-batch's
+    loss items are its pairs."""
+    model, processor = load_model(cfg, ds_config, precision)
+    configure_processor(processor, cfg.data)
+    model.requires_grad_(False)  # the LLM and projector stay on the host; the tower's parameters are set below
+    set_activation_checkpointing(model, cfg.activation_checkpointing.vit, False)
+    tower = build_tower(model, cfg.siglip, processor.tokenizer, cfg.seed + 1)
+    tower.visual.requires_grad_(True)
+    tower.head.requires_grad_(True)
+    tower.logit_scale.requires_grad_(True)
+    tower.logit_bias.requires_grad_(True)
+    data = pair_data(cfg.data, cfg.siglip, processor, tower.tokenizer, cfg.seed, rank, world)
+
+    def forward(engine: Any, batch: Any, denom: torch.Tensor) -> torch.Tensor:
+        return engine(**batch.to(device).model_inputs(), num_items_in_batch=denom)
+
+    return Task(
+        model=tower,
+        processor=processor,
+        data=data,
+        count=lambda b: torch.tensor(int(b.grid_thw.shape[0])),
+        forward=forward,
+        tokens=lambda b: int(b.pixel_values.shape[0]),
+        export=lambda engine, out, r: export_hf(engine, processor, out, r),
+        groups=tower_param_groups(tower, cfg.optim, cfg.siglip.text_lr),
     )
 
 
@@ -103,22 +151,20 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by ``cfg``; returns a summary on every rank."""
     info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes)
     rank, world, device = info.rank, info.world, info.device
-    if cfg.distributed.sequence_parallel_size > 1:
-        raise TrainingAborted(
-            f"distributed.sequence_parallel_size={cfg.distributed.sequence_parallel_size}: sequence parallelism is "
-            "not wired into this trainer yet; use 1"
-        )
+    sp = init_sequence_parallel(cfg.distributed.sequence_parallel_size)
     precision = resolve_precision(cfg, device)
     ds_config = deepspeed_config(cfg, world, precision)
     torch.manual_seed(cfg.seed)
-    task = lm_task(cfg, ds_config, precision, rank, world, device)
+    if cfg.objective == "siglip":
+        task = siglip_task(cfg, ds_config, precision, rank, world, device)
+    else:
+        task = lm_task(cfg, ds_config, precision, rank, world, device, sp)
 
     import deepspeed
 
-    groups = param_groups(task.model, cfg.optim)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=task.model,
-        optimizer=build_optimizer(groups, cfg.optim),
+        optimizer=build_optimizer(task.groups, cfg.optim),
         lr_scheduler=scheduler_factory(cfg.schedule, cfg.max_steps),
         config=ds_config,
         dist_init_required=False,
@@ -243,7 +289,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 dist.all_reduce(sums)
                 rates = meter.rates()
                 values = {
-                    "loss": float(sums[0] / world / max(interval_steps, 1)) if interval_steps else float("nan"),
+                    "loss": float(sums[0] / world / task.loss_replicas / max(interval_steps, 1))
+                    if interval_steps
+                    else float("nan"),
                     "grad_norm": _float(engine.get_global_grad_norm()),
                     "lr": float(optimizer.param_groups[0]["lr"]),
                     **{f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)},
