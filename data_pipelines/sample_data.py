@@ -5,7 +5,8 @@ Everything here has a verifiable answer so that training visibly works: images s
 
 - ``media/``: PNG images, h264 mp4 videos (scene cuts, on-screen text), Thyme crop outputs;
 - ``pretrain.jsonl`` (captions and video descriptions), ``sft.jsonl`` (all five SFT modes: thinking,
-  non-thinking, auto-think, think-with-image, video), ``rl.jsonl`` (prompts with ``solution`` and a
+  non-thinking, auto-think, think-with-image, video; also split per source under ``sft/`` so a mix config can
+  weight them), ``rl.jsonl`` (prompts with ``solution`` and a
   five-level ``hints`` ladder);
 - ``eval/``: benchmark fixtures in each benchmark's own format (``time/timebench.jsonl``,
   ``kc_mmbench/subsets/*.tsv`` + ``images/``, ``video_mcq/videos.jsonl``).
@@ -238,6 +239,10 @@ def make_sample_data(root: str | Path, n_images: int = 12, seed: int = 0) -> Sam
         "videos": len(videos) + 1,
         "pretrain": _write_jsonl(root / "pretrain.jsonl", pretrain),
         "sft": _write_jsonl(root / "sft.jsonl", sft),
+        **{
+            f"sft_{src}": _write_jsonl(root / "sft" / f"{src}.jsonl", [r for r in sft if r["source"] == src])
+            for src in dict.fromkeys(r["source"] for r in sft)
+        },
         "rl": _write_jsonl(root / "rl.jsonl", rl),
     }
     counts.update(write_eval_fixtures(root / "eval", media, images, videos, text_rel, seed))
