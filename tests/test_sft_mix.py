@@ -39,7 +39,8 @@ def test_cold_start_mix_has_the_published_proportions():
     assert [s["name"] for s in mix.data_sources()][:2] == ["non_reasoning", "reasoning"]
     tiny = load_mix("configs/sft/tiny.yaml")
     assert tiny.mode_proportions() == pytest.approx(mix.mode_proportions())
-    assert {s.match_source for s in tiny.sources} == set(counts)
+    assert {s.mode for s in tiny.sources} == set(counts)
+    assert all(len(s.shards) == 1 and s.shards[0].startswith("shards/sft/") for s in tiny.sources)
 
 
 def test_mix_rejects_bad_modes_and_keys(tmp_path):

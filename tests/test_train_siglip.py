@@ -92,6 +92,11 @@ def in_process(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setattr(sp, "_GROUPS", None)
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):  # DeepSpeed caches groups of the process group torn down below
+        if name.startswith("_") and name[1:2].isupper() and (value is None or isinstance(value, dict)):
+            monkeypatch.setattr(groups, name, dict(value) if isinstance(value, dict) else None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the launched runs (OMP_NUM_THREADS=1): 2 shared cores, other work beside
 
@@ -159,3 +164,41 @@ def test_stage0_run_lowers_the_loss_and_keeps_the_llm(tmp_path, in_process):
     assert sorted(extra) == ["head.bias", "head.weight", "logit_bias", "logit_scale"]
     assert float(extra["logit_bias"]) != -10.0 and tok.pad_token_id is not None
     assert text.config.hidden_size == 16
+
+
+def test_record_filters_count_their_reasons_and_resume():
+    """Stage 0 keeps single-image records with a caption; SFT runs (data.check_modes) drop replies that break
+    their mode. Both count the drops per reason in the checkpointed state."""
+    from train.data import RecordFilter, mode_rejection
+    from train.siglip import pair_rejection
+
+    def rec(i: int, source: str, reply: str, image: bool = True) -> tuple[dict, dict]:
+        user = [{"type": "image", "image": "a.png"}] if image else []
+        user.append({"type": "text", "text": "Q?"})
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        return {"id": str(i), "source": source, "messages": msgs}, {}
+
+    class Stream(list):
+        def state_dict(self) -> dict:
+            return {}
+
+        def load_state_dict(self, state: dict) -> None:
+            pass
+
+    samples = Stream(
+        [
+            rec(0, "thinking", "<think>a</think><answer>b</answer>"),
+            rec(1, "thinking", "just an answer"),
+            rec(2, "non_thinking", "<think>a</think>b"),
+            rec(3, "non_thinking", "an answer", image=False),
+        ]
+    )
+    modes = RecordFilter(samples, mode_rejection, "mode")
+    assert [r["id"] for r, _ in modes] == ["0", "3"]
+    assert len(modes.stats) == 2 and all(k.startswith("skipped_mode/") for k in modes.stats), modes.stats
+    again = RecordFilter(samples, mode_rejection, "mode")
+    again.load_state_dict(modes.state_dict())
+    assert again.stats == modes.stats
+    pairs = RecordFilter(samples, pair_rejection, "pair")
+    assert [r["id"] for r, _ in pairs] == ["0", "1", "2"]
+    assert dict(pairs.stats) == {"skipped_pair/0 images (a pair needs exactly one)": 1}

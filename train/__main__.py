@@ -1,4 +1,5 @@
-"""``torchrun … -m train CONFIG [key=value …]``: the same run as ``keye train``, on every process."""
+"""``torchrun … -m train CONFIG [key=value …]``: the same run as ``keye train`` (pretraining, SFT or GSPO RL, chosen
+by the config as there), on every process."""
 
 from __future__ import annotations
 

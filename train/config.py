@@ -52,6 +52,9 @@ class DataConfig:
     # Drop records whose response breaks the grammar of their SFT mode (train.sft_mix.filter_by_mode, mode from
     # the record's ``source``), counted per reason. SFT run configs set it; pretraining data has no SFT modes.
     check_modes: bool = False
+    # An SFT mix YAML (configs/sft/*.yaml, train.sft_mix): its weighted sources become data.sources and
+    # check_modes turns on. Give either mix or sources.
+    mix: str | None = None
 
 
 @dataclass
@@ -238,7 +241,16 @@ def apply_root(cfg: TrainConfig) -> TrainConfig:
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """The run config from a YAML file plus ``key=value`` overrides, checked for values the schema cannot type."""
     cfg = load_config(TrainConfig, path, overrides)
-    _check(cfg, f"{path}{' + overrides' if overrides else ''}")
+    source = f"{path}{' + overrides' if overrides else ''}"
+    if cfg.data.mix:
+        from train.sft_mix import load_mix
+
+        if cfg.data.sources:
+            raise ConfigError(f"{source}: give data.mix or data.sources, not both")
+        mix = load_mix(resolve_path(cfg.data.mix))
+        cfg.data.sources = [SourceConfig(**entry) for entry in mix.data_sources()]
+        cfg.data.check_modes = True
+    _check(cfg, source)
     return apply_root(cfg)
 
 

@@ -38,7 +38,6 @@ class MixSource:
     mode: str = "non_thinking"
     weight: float = 1.0
     shards: list[str] = field(default_factory=list)
-    match_source: str | None = None  # keep only records whose ``source`` field equals this (shared shards)
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """``keye demo``: the whole pipeline on the tiny config and generated media, printing what each step produced.
 
-Each step is the same command a user would type (run in-process), so the demo doubles as a smoke test of the
-command-line contract: data → video-info → shards → init → sandbox → eval → chat.
+Each step is the same command a user would type (training stages in their own process, the rest in-process), so
+the demo doubles as a smoke test of the command-line contract: data → video-info → shards → init → pretraining
+stages 0–3 → SFT → GSPO → sandbox → eval → chat.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,40 +38,101 @@ def _cli(*argv: str) -> None:
         raise RuntimeError(f"step 'keye {' '.join(map(str, argv))}' failed with exit code {code}")
 
 
+def _train(config: str, root: Path, *overrides: str) -> None:
+    """A training run in its own process (as a user would launch it), so each stage starts clean."""
+    from keye.paths import config_path
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "keye.cli.main",
+        "train",
+        str(config_path(config)),
+        f"paths.root={root}",
+        "wandb.mode=none",
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result = subprocess.run(cmd, env=env)
+    if result.returncode:
+        raise RuntimeError(f"step '{' '.join(cmd[2:])}' failed with exit code {result.returncode}")
+
+
+def _last_metrics(run_dir: Path) -> str:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    for line in reversed(lines):
+        rec = json.loads(line)
+        if "loss" in rec:
+            extra = "".join(
+                f", {k} {rec[k]:.3f}" for k in ("reward/mean", "pass_rate") if isinstance(rec.get(k), (int, float))
+            )
+            return f"step {rec.get('step')}: loss {rec['loss']:.3f}{extra}"
+    return "no metrics"
+
+
 def run(args: argparse.Namespace) -> int:
     from data_pipelines.sample_data import make_sample_data
     from keye.paths import config_path
 
     work = Path(args.workdir).resolve()
-    data, shards, ckpt = work / "data", work / "shards", work / "checkpoints"
+    sample, shards = work / "sample", work / "shards"
     started = time.perf_counter()
 
     report = _step(
-        "1. generate sample data (videos, images, conversations, eval fixtures)", lambda: make_sample_data(data)
+        "1. generate sample data (videos, images, conversations, eval fixtures)", lambda: make_sample_data(sample)
     )
     print(f"{report.root}: {report.summary()}")
-    video = data / "media" / "videos" / "cuts_2.mp4"
+    video = sample / "media" / "videos" / "cuts_2.mp4"
     _step("2. what the model sees of a video (keye video-info)", lambda: _cli("video-info", video))
-    for name in ("pretrain", "sft"):
-        _step(
-            f"3. webdataset shards for {name} (keye shards)",
-            lambda name=name: _cli(
-                "shards",
-                "--input",
-                data / f"{name}.jsonl",
-                "--media-root",
-                data / "media",
-                "--out",
-                shards / name,
-                "--samples-per-shard",
-                "16",
-            ),
-        )
-    model_dir = ckpt / "init"
+    _step(
+        "3. webdataset shards (keye shards): pretraining data and one shard set per SFT source",
+        lambda: [
+            _cli(
+                "shards", "--input", jsonl, "--media-root", sample / "media", "--out", out, "--samples-per-shard", "16"
+            )
+            for jsonl, out in [(sample / "pretrain.jsonl", shards / "pretrain")]
+            + [(p, shards / "sft" / p.stem) for p in sorted((sample / "sft").glob("*.jsonl"))]
+        ],
+    )
     _step(
         "4. a random tiny checkpoint (keye init)",
-        lambda: _cli("init", "--config", config_path("model/tiny.yaml"), "--out", model_dir),
+        lambda: _cli("init", "--config", config_path("model/tiny.yaml"), "--out", work / "init"),
     )
+
+    previous = work / "init"
+    for n, what in enumerate(
+        ("ViT continued training, SigLIP loss", "projector alignment", "full pretraining", "annealing, RoPE base 8M")
+    ):
+        out = work / f"stage{n}"
+        _step(
+            f"5.{n} pretraining stage {n}: {what} (keye train)",
+            lambda n=n, out=out, prev=previous: _train(
+                f"pretrain/tiny_stage{n}.yaml", work, f"model.path={prev}", f"output_dir={out}"
+            ),
+        )
+        print(_last_metrics(out))
+        previous = out / "hf"
+    _step(
+        "6. cold-start SFT, five modes (keye train)",
+        lambda: _train("sft/tiny_run.yaml", work, f"model.path={previous}", f"output_dir={work / 'sft'}"),
+    )
+    print(_last_metrics(work / "sft"))
+    previous = work / "sft" / "hf"
+    _step(
+        "7. GSPO with progressive hints (keye train)",
+        lambda: _train(
+            "rl/tiny.yaml",
+            work,
+            f"model.path={previous}",
+            f"output_dir={work / 'rl'}",
+            f"rl.prompts=[{sample / 'rl.jsonl'}]",
+            f"rl.rollout.media_root={sample / 'media'}",
+            "max_steps=3",  # a few steps show the loop; tests/test_rl_learning.py shows GSPO learning
+            "rl.hints.k=2",
+        ),
+    )
+    print(_last_metrics(work / "rl"))
+    final = work / "rl" / "hf"
 
     code = work / "crop.py"
     code.write_text(
@@ -75,30 +141,29 @@ def run(args: argparse.Namespace) -> int:
         "print('cropped to', crop.size)\n"
     )
     _step(
-        "5. a Thyme code block in the sandbox (keye sandbox)",
+        "8. a Thyme code block in the sandbox (keye sandbox)",
         lambda: _cli(
             "sandbox",
             "--code",
             code,
             "--image",
-            data / "media" / "images" / "shape_000.png",
+            sample / "media" / "images" / "shape_000.png",
             "--out-dir",
             work / "sandbox_out",
             "--json",
         ),
     )
-
     eval_dir = work / "eval"
     _step(
-        "6. evaluation on generated fixtures (keye eval)",
+        "9. evaluation of the final checkpoint on generated fixtures (keye eval)",
         lambda: _cli(
             "eval",
             "--model",
-            model_dir,
+            final,
             "--bench",
             "time,kc_mmbench,video_mcq",
             "--data",
-            data / "eval",
+            sample / "eval",
             "--out",
             eval_dir,
             "--limit",
@@ -108,16 +173,17 @@ def run(args: argparse.Namespace) -> int:
     )
     print((eval_dir / "report.md").read_text())
     _step(
-        "7. chat about a video (keye chat)",
+        "10. chat about an image with the final checkpoint (keye chat)",
         lambda: _cli(
             "chat",
             "--model",
-            model_dir,
-            "--video",
-            video,
+            final,
+            "--image",
+            sample / "media" / "images" / "shape_001.png",
+            "--no-think",
             "--max-new-tokens",
-            "24",
-            "How many scene cuts are in this video?",
+            "8",
+            "What colour is the shape? Answer with one word.",
         ),
     )
     print(f"\nkeye demo finished in {time.perf_counter() - started:.0f}s; everything is under {work}")

@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sandbox": ("keye.cli.sandbox", "run one Thyme code block in the sandbox (status, stdout, error, images)"),
     "eval": ("keye.cli.eval", "benchmark scores: predictions.jsonl, results.json, report.md"),
     "eval-filter": ("keye.cli.eval_filter", "drop video-MCQ items answerable from one frame, rebalance letters"),
-    "train": ("keye.cli.train", "one training run (pretrain stage, SFT) from a run config; torchrun -m train for many"),
+    "train": (
+        "keye.cli.train",
+        "one training run (pretraining stage, SFT or GSPO RL) from a run config; torchrun -m train for many",
+    ),
     "web": ("keye.cli.web", "the browser demo: upload a video or image, ask, watch the answer stream"),
 }
 

@@ -1,4 +1,6 @@
-"""``keye train CONFIG [key=value …]``: one training run (pretraining stage, SFT) described by a run config.
+"""``keye train CONFIG [key=value …]``: one training run (pretraining stage, SFT, or GSPO RL) described by a run
+config. A config with a top-level ``rl:`` section or ``stage: rl`` is an RL run (``train.rl.run``); every other
+config goes to the pretraining/SFT trainer (``train.loop``).
 
 Single process here; ``torchrun --nnodes N --nproc_per_node G -m train CONFIG …`` runs the same code on many.
 """
@@ -12,23 +14,42 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run config YAML (e.g. configs/pretrain/tiny_stage1.yaml)")
+    parser.add_argument("config", help="run config YAML (e.g. configs/pretrain/tiny_stage1.yaml, configs/rl/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. max_steps=10 optim.lr=1e-4")
+
+
+def is_rl_config(path: str) -> bool:
+    """An RL run config: a top-level ``rl:`` section, or ``stage: rl``."""
+    from keye.typed_config import read_yaml
+
+    data = read_yaml(path)
+    return "rl" in data or data.get("stage") == "rl"
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from train.config import load_train_config
+    rl = is_rl_config(args.config)
+    if rl:
+        from train.rl.run import load_rl_run_config
 
-    cfg = load_train_config(args.config, list(args.overrides))  # config errors surface before any process group
+        cfg = load_rl_run_config(args.config, list(args.overrides))
+    else:
+        from train.config import load_train_config
+
+        cfg = load_train_config(args.config, list(args.overrides))  # config errors surface before any process group
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from train.loop import run_training
+    if rl:
+        from train.rl.run import run_rl
 
-    summary = run_training(cfg)
+        summary = run_rl(cfg)
+    else:
+        from train.loop import run_training
+
+        summary = run_training(cfg)
     if summary["rank"] == 0:
         print(
             f"{cfg.stage}: stopped at step {summary['step']} ({summary['stopped_by']}); "
