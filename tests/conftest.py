@@ -23,3 +23,29 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def fresh_process_group(monkeypatch):
+    """For a whole training run inside the test process: no inherited rank env, no DeepSpeed or sequence-parallel
+    groups cached from an earlier run, and the process group torn down afterwards so later tests start clean."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    import keye.sequence_parallel as sp
+
+    for k in _DIST_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(sp, "_GROUPS", None)
+    for name, value in list(vars(groups).items()):  # DeepSpeed caches groups of a process group torn down below
+        if name.startswith("_") and name[1:2].isupper() and (value is None or isinstance(value, dict)):
+            monkeypatch.setattr(groups, name, dict(value) if isinstance(value, dict) else None)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k in _DIST_ENV:
+        os.environ.pop(k, None)

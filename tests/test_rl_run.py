@@ -21,7 +21,7 @@ from train.rl.run import step_prompt_indices
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(fresh_process_group):
     """Two OpenMP threads on two shared cores spin-wait; one thread is steadier and faster here."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -5,7 +5,6 @@ beside the Keye checkpoint so that stage 0 can continue from it."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -82,21 +81,8 @@ def _off(x: torch.Tensor, y: torch.Tensor, t: float, b: float) -> float:
 
 
 @pytest.fixture
-def in_process(monkeypatch):
+def in_process(fresh_process_group):
     """``run(config_path)``: a whole training run in this process (a process group of one), torn down after."""
-    import torch.distributed as dist
-
-    import keye.sequence_parallel as sp
-
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr(sp, "_GROUPS", None)
-    from deepspeed.utils import groups
-
-    for name, value in list(vars(groups).items()):  # DeepSpeed caches groups of the process group torn down below
-        if name.startswith("_") and name[1:2].isupper() and (value is None or isinstance(value, dict)):
-            monkeypatch.setattr(groups, name, dict(value) if isinstance(value, dict) else None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the launched runs (OMP_NUM_THREADS=1): 2 shared cores, other work beside
 
@@ -108,10 +94,6 @@ def in_process(monkeypatch):
 
     yield run
     torch.set_num_threads(threads)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
 
 
 def test_stage0_run_lowers_the_loss_and_keeps_the_llm(tmp_path, in_process):
