@@ -21,13 +21,17 @@ import sys
 import time
 
 
-def _worker(impl: str, path: str, include_pixels: bool) -> None:
-    """Read one video once and print a JSON result line (runs in its own process)."""
+def _worker(impl: str, path: str, warmup: str, include_pixels: bool) -> None:
+    """Read ``warmup`` (a short clip: library and thread-pool start-up, paid once per data-loader worker), then
+    time one read of ``path`` and print a JSON result line (runs in its own process)."""
     import numpy as np
     from keye_vl_utils import fetch_video
 
     from data_pipelines.video_reader import clip_pixels, load_video
 
+    t0 = time.perf_counter()
+    fetch_video({"video": warmup}) if impl == "ref" else load_video(warmup)
+    first_seconds = time.perf_counter() - t0
     base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports (torch alone is large)
     t0 = time.perf_counter()
     if impl == "ref":
@@ -51,15 +55,16 @@ def _worker(impl: str, path: str, include_pixels: bool) -> None:
             "fast_hw": list(clip.fast_hw),
         }
     out["seconds"] = time.perf_counter() - t0
+    out["warmup_seconds"] = first_seconds
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["base_rss_mb"] = base_mb
     print(json.dumps(out))
 
 
-def _run(impl: str, path: str) -> dict:
+def _run(impl: str, path: str, warmup: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", impl, path], capture_output=True, text=True, env=env, check=False
+        [sys.executable, __file__, "--worker", impl, path, warmup], capture_output=True, text=True, env=env, check=False
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} on {path} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -98,12 +103,13 @@ def main() -> int:
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--long", action="store_true", help="also read a 10-minute 1080p clip (ours only)")
-    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "PATH", "WARMUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args.worker[0], args.worker[1], include_pixels=False)
+        _worker(args.worker[0], args.worker[1], args.worker[2], include_pixels=False)
         return 0
     os.makedirs(args.workdir, exist_ok=True)
+    warmup = _make(args.workdir, "bench_warmup_2s", 2.0, args.fps, 240, 320)
     cases = [
         ("720p", _make(args.workdir, f"bench_720p_{int(args.seconds)}s", args.seconds, args.fps, 720, 1280)),
         ("1080p", _make(args.workdir, f"bench_1080p_{int(args.seconds)}s", args.seconds, args.fps, 1080, 1920)),
@@ -116,7 +122,7 @@ def main() -> int:
         runs: dict[str, list[dict]] = {"ref": [], "ours": []}
         for _ in range(args.repeat):  # alternate so background load hits both alike
             for impl in ("ref", "ours"):
-                runs[impl].append(_run(impl, path))
+                runs[impl].append(_run(impl, path, warmup))
         keys = ("frames", "timestamps", "frame_types", "slow_hw", "fast_hw")
         same = all(runs["ref"][0][k] == runs["ours"][0][k] for k in keys)
         failed |= not same
@@ -128,7 +134,7 @@ def main() -> int:
         )
     if args.long:
         path = _make(args.workdir, "bench_1080p_600s", 600, 5.0, 1080, 1920)
-        r = _run("ours", path)
+        r = _run("ours", path, warmup)
         print(
             f"10-min 1080p @5fps (ours only): {r['seconds']:.2f} s, {r['frames']} frames "
             f"({sum(r['frame_types'])} fast), slow {r['slow_hw']}, fast {r['fast_hw']}, peak RSS {_rss([r])} MB"
