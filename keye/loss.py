@@ -33,21 +33,21 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+def cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of token losses and number of label tokens. ``hidden`` ``[B, L, H]``, ``labels`` ``[B, L]``."""
-    targets = shift_labels(labels, cu_seqlens).reshape(-1)
-    index = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    """Sum of token losses and label count for already-shifted ``targets`` (``[B, L]``, ``IGNORE_INDEX`` skipped).
+
+    Without any label the sum is ``hidden.sum() * 0``, so the backward still reaches every layer (collective
+    backward passes such as sequence parallelism's all-to-all need every rank to take part).
+    """
+    flat = targets.reshape(-1)
+    index = (flat != IGNORE_INDEX).nonzero().squeeze(-1)
     count = torch.tensor(index.numel(), device=hidden.device)
     if index.numel() == 0:
         return hidden.sum() * 0.0, count
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-    t = targets.index_select(0, index)
+    t = flat.index_select(0, index)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         hc, tc = h[start : start + chunk_size], t[start : start + chunk_size]
@@ -56,3 +56,14 @@ def chunked_cross_entropy(
         else:
             total = total + _chunk_loss(hc, weight, tc)
     return total, count
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token losses and number of label tokens. ``hidden`` ``[B, L, H]``, ``labels`` ``[B, L]``."""
+    return cross_entropy_sum(hidden, weight, shift_labels(labels, cu_seqlens), chunk_size)

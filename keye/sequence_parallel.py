@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from keye.encoded import IGNORE_INDEX, PackedBatch
-from keye.loss import DEFAULT_CHUNK, shift_labels
+from keye.loss import DEFAULT_CHUNK, cross_entropy_sum, shift_labels
 from keye.rope import split_frames
 
 PAD_TOKEN_ID = 151643  # Qwen3 <|endoftext|>, the packer's padding token
@@ -210,10 +210,6 @@ class _AllReduceReplicated(torch.autograd.Function):
         return grad, None
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
-
-
 def shifted_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -221,27 +217,11 @@ def shifted_cross_entropy(
     group: dist.ProcessGroup | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss sum and label count for already-shifted ``targets`` ``[B, L]``, chunked like ``keye.loss``.
+    """Loss sum and label count for already-shifted ``targets`` ``[B, L]`` (``keye.loss.cross_entropy_sum``).
 
     With an SP ``group`` both are summed over it (the sum with an identity backward, see the module docstring).
     """
-    from torch.utils.checkpoint import checkpoint
-
-    flat = targets.reshape(-1)
-    index = (flat != IGNORE_INDEX).nonzero().squeeze(-1)
-    count = torch.tensor(index.numel(), device=hidden.device)
-    # A slice without labels must still backpropagate through every layer: the all-to-all backward is collective.
-    total = hidden.sum() * 0.0
-    if index.numel():
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-        t = flat.index_select(0, index)
-        total = total.float()
-        for start in range(0, h.shape[0], chunk_size):
-            hc, tc = h[start : start + chunk_size], t[start : start + chunk_size]
-            if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
-                total = total + checkpoint(_chunk_loss, hc, weight, tc, use_reentrant=False)
-            else:
-                total = total + _chunk_loss(hc, weight, tc)
+    total, count = cross_entropy_sum(hidden, weight, targets, chunk_size)
     if _size(group) > 1:
         dist.all_reduce(count, group=group)
         total = _AllReduceReplicated.apply(total.float(), group)
