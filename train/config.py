@@ -146,15 +146,17 @@ class WandbConfig:
 
 
 @dataclass
-class TrainConfig:
-    stage: str = "train"  # a name for logs and the export (stage0, stage1, sft, …)
-    objective: str = "lm"  # lm: next-token CE on label tokens; siglip: stage-0 ViT contrastive training
+class RunConfig:
+    """What every run shares (pretraining, SFT, RL): where it writes, what it loads, how it optimises and saves.
+
+    ``TrainConfig`` and ``train.rl.run.RLRunConfig`` extend it, so both accept the same sections and are checked
+    by the same :func:`check_run`.
+    """
+
+    stage: str = "train"  # a name for logs and the export (stage0, stage1, sft, rl, …)
     output_dir: str = "runs/train"
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelInit = field(default_factory=ModelInit)
-    data: DataConfig = field(default_factory=DataConfig)
-    micro_batch_rows: int = 1  # packed rows per micro-batch (concatenated into one varlen row)
-    grad_accum_steps: int = 1
     max_steps: int = 1000
     seed: int = 0
     freeze: list[str] = field(default_factory=list)  # any of vit, projector, llm
@@ -165,37 +167,54 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    objective: str = "lm"  # lm: next-token CE on label tokens; siglip: stage-0 ViT contrastive training
+    data: DataConfig = field(default_factory=DataConfig)
+    micro_batch_rows: int = 1  # packed rows per micro-batch (concatenated into one varlen row)
+    grad_accum_steps: int = 1
     max_nonfinite_steps: int = 3  # abort after this many non-finite steps in a row
     siglip: SiglipConfig = field(default_factory=SiglipConfig)
 
 
+def config_error(source: str, key: str, expected: str, found: Any) -> ConfigError:
+    return ConfigError(f"{source}: key '{key}': expected {expected}, found {found!r}")
+
+
+def check_run(cfg: RunConfig, source: str, positive: tuple[str, ...] = ()) -> None:
+    """Checks of the shared sections the schema cannot type; ``positive`` names further integer keys (>= 1)."""
+    unknown = [m for m in cfg.freeze if m not in MODULES]
+    if unknown:
+        raise config_error(source, "freeze", f"a list of {MODULES}", cfg.freeze)
+    if len(set(cfg.freeze)) == len(MODULES):
+        raise config_error(source, "freeze", "at least one trainable module", cfg.freeze)
+    if cfg.schedule.kind not in SCHEDULES:
+        raise config_error(source, "schedule.kind", f"one of {SCHEDULES}", cfg.schedule.kind)
+    if cfg.distributed.precision not in ("auto", "bf16", "fp32"):
+        raise config_error(source, "distributed.precision", "auto, bf16 or fp32", cfg.distributed.precision)
+    if cfg.distributed.zero_stage not in (None, 0, 1, 2, 3):
+        raise config_error(source, "distributed.zero_stage", "0, 1, 2 or 3", cfg.distributed.zero_stage)
+    if cfg.wandb.mode not in ("offline", "online", "disabled", "none"):
+        raise config_error(source, "wandb.mode", "offline, online, disabled or none", cfg.wandb.mode)
+    for key in ("max_steps", "checkpoint.every_steps", "logging.every_steps", *positive):
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj < 1:
+            raise config_error(source, key, "an integer >= 1", obj)
+
+
 def _check(cfg: TrainConfig, source: str) -> None:
     def bad(key: str, expected: str, found: Any) -> ConfigError:
-        return ConfigError(f"{source}: key '{key}': expected {expected}, found {found!r}")
+        return config_error(source, key, expected, found)
 
     if cfg.objective not in OBJECTIVES:
         raise bad("objective", f"one of {OBJECTIVES}", cfg.objective)
     if bool(cfg.model.path) == bool(cfg.model.config):
         raise bad("model", "exactly one of model.path (HF checkpoint) or model.config (model YAML)", cfg.model)
-    unknown = [m for m in cfg.freeze if m not in MODULES]
-    if unknown:
-        raise bad("freeze", f"a list of {MODULES}", cfg.freeze)
-    if len(set(cfg.freeze)) == len(MODULES):
-        raise bad("freeze", "at least one trainable module", cfg.freeze)
-    if cfg.schedule.kind not in SCHEDULES:
-        raise bad("schedule.kind", f"one of {SCHEDULES}", cfg.schedule.kind)
-    if cfg.distributed.precision not in ("auto", "bf16", "fp32"):
-        raise bad("distributed.precision", "auto, bf16 or fp32", cfg.distributed.precision)
-    if cfg.distributed.zero_stage not in (None, 0, 1, 2, 3):
-        raise bad("distributed.zero_stage", "0, 1, 2 or 3", cfg.distributed.zero_stage)
-    if cfg.wandb.mode not in ("offline", "online", "disabled", "none"):
-        raise bad("wandb.mode", "offline, online, disabled or none", cfg.wandb.mode)
-    for key in ("max_steps", "grad_accum_steps", "micro_batch_rows", "checkpoint.every_steps", "logging.every_steps"):
-        obj: Any = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        if obj < 1:
-            raise bad(key, "an integer >= 1", obj)
+    check_run(cfg, source, positive=("grad_accum_steps", "micro_batch_rows"))
     if not cfg.data.sources:
         raise bad("data.sources", "at least one source with shards", cfg.data.sources)
     for i, src in enumerate(cfg.data.sources):

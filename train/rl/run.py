@@ -37,19 +37,7 @@ import torch
 import torch.distributed as dist
 
 from keye.typed_config import ConfigError, load_config, save_config
-from train.config import (
-    MODULES,
-    SCHEDULES,
-    ActivationCheckpointing,
-    CheckpointConfig,
-    DistributedConfig,
-    LoggingConfig,
-    ModelInit,
-    OptimConfig,
-    PathsConfig,
-    ScheduleConfig,
-    WandbConfig,
-)
+from train.config import RunConfig, check_run, config_error
 from train.rl.config import RLConfig
 from train.rl.step import RLStep, RolloutBatch
 
@@ -57,23 +45,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RLRunConfig:
-    """One RL run: the trainer's sections plus ``rl``; saved next to every checkpoint like ``TrainConfig``."""
+class RLRunConfig(RunConfig):
+    """One RL run: the shared run sections plus ``rl``; saved next to every checkpoint like ``TrainConfig``."""
 
     stage: str = "rl"
     output_dir: str = "runs/rl"
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    model: ModelInit = field(default_factory=ModelInit)  # the policy: an HF checkpoint (model.path)
     max_steps: int = 100  # RL steps (each: rollouts + rl.update.minibatches × epochs optimizer steps)
-    seed: int = 0
-    freeze: list[str] = field(default_factory=list)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    activation_checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
     rl: RLConfig = field(default_factory=RLConfig)
 
     @property
@@ -83,33 +60,20 @@ class RLRunConfig:
 
 
 def _check(cfg: RLRunConfig, source: str) -> None:
-    def bad(key: str, expected: str, found: Any) -> ConfigError:
-        return ConfigError(f"{source}: key '{key}': expected {expected}, found {found!r}")
-
     if not cfg.model.path or cfg.model.config:
-        raise bad(
-            "model", "model.path (the HF checkpoint of the policy, e.g. the SFT export) and no model.config", cfg.model
+        raise config_error(
+            source,
+            "model",
+            "model.path (the HF checkpoint of the policy, e.g. the SFT export) and no model.config",
+            cfg.model,
         )
-    if [m for m in cfg.freeze if m not in MODULES] or len(set(cfg.freeze)) == len(MODULES):
-        raise bad("freeze", f"a list of {MODULES} leaving one trainable", cfg.freeze)
-    if cfg.schedule.kind not in SCHEDULES:
-        raise bad("schedule.kind", f"one of {SCHEDULES}", cfg.schedule.kind)
-    if cfg.distributed.precision not in ("auto", "bf16", "fp32"):
-        raise bad("distributed.precision", "auto, bf16 or fp32", cfg.distributed.precision)
-    if cfg.distributed.zero_stage not in (None, 0, 1, 2, 3):
-        raise bad("distributed.zero_stage", "0, 1, 2 or 3", cfg.distributed.zero_stage)
     if cfg.distributed.sequence_parallel_size != 1:
-        raise bad("distributed.sequence_parallel_size", "1 (RL rollouts are not sequence-parallel)", cfg.distributed)
-    if cfg.wandb.mode not in ("offline", "online", "disabled", "none"):
-        raise bad("wandb.mode", "offline, online, disabled or none", cfg.wandb.mode)
-    for key in ("max_steps", "checkpoint.every_steps", "logging.every_steps"):
-        obj: Any = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        if obj < 1:
-            raise bad(key, "an integer >= 1", obj)
+        raise config_error(
+            source, "distributed.sequence_parallel_size", "1 (RL rollouts are not sequence-parallel)", cfg.distributed
+        )
+    check_run(cfg, source)
     if not cfg.rl.prompts:
-        raise bad("rl.prompts", "a non-empty list of prompt JSONL files", cfg.rl.prompts)
+        raise config_error(source, "rl.prompts", "a non-empty list of prompt JSONL files", cfg.rl.prompts)
 
 
 def _rooted(path: str | None, root: str | None) -> str | None:
