@@ -127,3 +127,25 @@ def load_checkpoint(engine: Any, ckpt: Path, rank: int, world: int) -> dict[str,
     state = torch.load(ckpt / "train_state" / f"rank_{rank:05d}.pt", weights_only=False)
     set_rng_state(state["rng"])
     return state
+
+
+def resume_latest(engine: Any, cfg: Any, rank: int, world: int) -> tuple[Path, int, int | None, dict[str, Any]]:
+    """Prepare ``cfg.output_dir`` (config.yaml on rank 0) and resume from its last complete checkpoint if allowed.
+
+    Returns ``(checkpoint root, step, resumed-from step or None, this rank's saved state ({} when fresh))``; the
+    caller restores what it saved (data position, RL state, counters). Then seeds this rank's torch stream so
+    anything random afterwards is a function of (seed, rank, step) and a resumed run draws what the original did.
+    """
+    from keye.typed_config import save_config
+
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    if rank == 0:
+        save_config(cfg, out_dir / "config.yaml")
+    step, resumed_from, state = 0, None, {}
+    if cfg.checkpoint.resume and (found := complete_checkpoints(ckpt_root)):
+        resumed_from, ckpt = found[-1]
+        state = load_checkpoint(engine, ckpt, rank, world)
+        step = state["step"]
+    torch.manual_seed(cfg.seed + 1000 * (rank + 1) + step)
+    return ckpt_root, step, resumed_from, state

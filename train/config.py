@@ -274,7 +274,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    from keye.paths import REPO_ROOT
+
+    return REPO_ROOT
 
 
 def resolve_path(path: str) -> str:

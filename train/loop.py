@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from keye.sequence_parallel import init_sequence_parallel
 from keye.typed_config import save_config
-from train.checkpoint import complete_checkpoints, export_hf, load_checkpoint, rng_state, save_checkpoint
+from train.checkpoint import export_hf, resume_latest, rng_state, save_checkpoint
 from train.config import TrainConfig
 from train.data import ShardedData, TrainData, configure_processor, label_count
 from train.engine import (
@@ -172,18 +172,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     zero3 = engine.zero_optimization_partition_weights()
     if zero3:
         register_zero3_external_parameters(engine.module)
-    out_dir = Path(cfg.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-    if rank == 0:
-        save_config(cfg, out_dir / "config.yaml")
-
-    step, resumed_from = 0, None
-    if cfg.checkpoint.resume and (found := complete_checkpoints(ckpt_root)):
-        resumed_from, ckpt = found[-1]
-        state = load_checkpoint(engine, ckpt, rank, world)
+    ckpt_root, step, resumed_from, state = resume_latest(engine, cfg, rank, world)
+    out_dir = ckpt_root.parent
+    if resumed_from is not None:
         task.data.load_state_dict(state["data"])
-        step = state["step"]
-    torch.manual_seed(cfg.seed + 1000 * (rank + 1) + step)  # per-rank stream for anything random after here
 
     logger = MetricLogger(cfg, rank, step, resumed_from is not None)
     stop = StopFlag()

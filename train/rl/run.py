@@ -249,7 +249,7 @@ def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
     import deepspeed
 
     from keye.inference import ChatEngine
-    from train.checkpoint import complete_checkpoints, export_hf, load_checkpoint, rng_state, save_checkpoint
+    from train.checkpoint import export_hf, resume_latest, rng_state, save_checkpoint
     from train.engine import (
         deepspeed_config,
         init_distributed,
@@ -306,17 +306,10 @@ def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
     # per-rank sampling seeds: the ranks sample different prompts and must not share their noise
     rl_step = RLStep(policy, chat, dataclasses.replace(cfg.rl, seed=cfg.rl.seed + 100_003 * rank))
 
-    out_dir = Path(cfg.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-    if rank == 0:
-        save_config(cfg, out_dir / "config.yaml")
-    step, resumed_from = 0, None
-    if cfg.checkpoint.resume and (found := complete_checkpoints(ckpt_root)):
-        resumed_from, ckpt = found[-1]
-        state = load_checkpoint(engine, ckpt, rank, world)
+    ckpt_root, step, resumed_from, state = resume_latest(engine, cfg, rank, world)
+    out_dir = ckpt_root.parent
+    if resumed_from is not None:
         rl_step.load_state_dict(state["rl"])
-        step = state["step"]
-    torch.manual_seed(cfg.seed + 1000 * (rank + 1) + step)
 
     logger = MetricLogger(cfg, rank, step, resumed_from is not None)
     if resumed_from is not None:
