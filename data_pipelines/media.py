@@ -27,11 +27,16 @@ class MediaError(ValueError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+DEFAULT_FPS = 2.0
+
+
 @dataclass
 class VideoOptions:
     """Per-video reading options (keys as in a message's ``{"type": "video", ...}`` item)."""
 
-    fps: float = 2.0
+    # None = the original's rule: 2.0 for video files; a frame list is taken whole and gets timestamps only
+    # when fps is given (KEYE_FACTS Part A §3)
+    fps: float | None = None
     max_frames: int | None = None
     min_pixels: int = 48 * 784  # VIDEO_MIN_PIXELS: the smallest frame is 48 merged tokens
     max_pixels: int = 768 * 784  # the largest slow frame is 768 merged tokens
@@ -46,6 +51,10 @@ class VideoOptions:
     backend: str = "auto"  # "auto" (PyAV, then decord), "pyav" or "decord"
     decode_threads: int = 1  # PyAV decoder threads; 1 is fastest per core (loader workers parallelise), 0 = auto
 
+    @property
+    def sample_fps(self) -> float:
+        return DEFAULT_FPS if self.fps is None else float(self.fps)
+
 
 @dataclass
 class VideoClip:
@@ -56,7 +65,7 @@ class VideoClip:
     """
 
     frames: torch.Tensor
-    timestamps: list[float]
+    timestamps: list[float]  # seconds; empty for a frame list read without fps (the original gives none either)
     frame_types: list[int]
     slow_hw: tuple[int, int]
     fast_hw: tuple[int, int]

@@ -9,8 +9,10 @@ What differs is how the work is done:
   converts only the sampled frames to RGB (the same swscale conversion decord uses, so pixels are identical). A
   window (``video_start``/``video_end``) seeks to the keyframe before it and stops after its last sample. If PyAV
   cannot read the file, decord (the original's reader) is tried. ``backend="decord"`` forces decord.
-- **Streaming**: each decoded frame is typed on arrival (``SlowFastSelector``) and kept only at the largest slow
-  size the budget can still give it, so memory is bounded by the token budget, not by resolution × frames.
+- **Two threads** (``overlap``): one decodes (and reads ahead a few frames), the other converts to RGB, computes
+  similarity features, types frames and stores them, with one torch thread; on 2 cores the two halves overlap.
+- **Streaming**: each frame is typed on arrival (``SlowFastSelector``) and kept only at the largest slow size the
+  budget can still give it (``_FrameStore``), so memory is bounded by the token budget, not by resolution × frames.
 - **Frame lists** (the KC-MMBench form): only the sampled images are read; each is resized as the original does.
 
 Errors on one input raise ``MediaError`` (with a ``reason``) so loaders can count and skip.
@@ -23,6 +25,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import av
 import numpy as np
@@ -31,18 +34,22 @@ from av.video.reformatter import VideoReformatter
 
 from .image_reader import load_image
 from .media import FAST, SLOW, MediaError, VideoClip, VideoOptions
+from .overlap import read_ahead, run_single_threaded
 from .slowfast import (
     SlowFastSelector,
     area,
     budget_sizes,
     count_types,
+    frame_features,
     max_slow_hw,
     resize_uint8,
     similarity_size,
 )
 
 VideoSource = str | bytes | os.PathLike | Sequence[str]
-FrameIter = Iterator[tuple[int, np.ndarray]]  # (position among the sampled indices, uint8 [H, W, 3])
+# (position among the sampled indices, a call returning the frame as uint8 [H, W, 3]): PyAV frames arrive still in
+# YUV and are converted to RGB by that call, so the conversion runs on the consumer's thread, not the decoder's
+FrameIter = Iterator[tuple[int, Callable[[], np.ndarray]]]
 
 
 @dataclass
@@ -78,7 +85,7 @@ def _check_exists(source: str | bytes | os.PathLike) -> str | bytes:
 def sample_indices(num_frames: int, native_fps: float, options: VideoOptions, label: str = "") -> list[int]:
     """Frame indices to decode: ``min(int(duration·fps), max_frames)`` spread by ``linspace(...).round()``.
 
-    ``fps = min(options.fps, native_fps)``; ``max_frames = video_total_pixels / min_pixels`` (1365 by default),
+    ``fps = min(options.sample_fps, native_fps)``; ``max_frames = video_total_pixels / min_pixels`` (1365 by default),
     lowered by ``options.max_frames``. A ``video_start``/``video_end`` window restricts the range to the frames
     whose timestamps fall inside it.
     """
@@ -96,7 +103,7 @@ def sample_indices(num_frames: int, native_fps: float, options: VideoOptions, la
             f"window [{options.video_start}, {options.video_end}] s holds no frame of a {num_frames / native_fps:.2f} s video",
             label,
         )
-    fps = min(options.fps, native_fps)
+    fps = min(options.sample_fps, native_fps)
     max_frames = int(options.video_total_pixels / options.min_pixels)
     if options.max_frames is not None:
         max_frames = min(int(options.max_frames), max_frames)
@@ -141,6 +148,11 @@ def _av_probe(source: str | bytes, label: str) -> tuple[VideoMeta, list[int]]:
     return VideoMeta(num_frames=len(pts), fps=fps, backend="pyav"), pts
 
 
+def _rgb_array(reformatter: VideoReformatter, frame: av.VideoFrame) -> np.ndarray:
+    """RGB24 through swscale, as decord converts (pixels identical to decord's)."""
+    return reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+
 def _av_frames(
     source: str | bytes, label: str, pts: list[int], indices: list[int], seek: bool, threads: int = 1
 ) -> FrameIter:
@@ -163,7 +175,7 @@ def _av_frames(
                     pos = wanted.get(frame.pts)
                     if pos is not None:
                         remaining -= 1
-                        yield pos, rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                        yield pos, partial(_rgb_array, rgb, frame)
                 if remaining == 0:
                     return
         except av.error.FFmpegError as exc:
@@ -191,7 +203,7 @@ def _decord_frames(reader, label: str, indices: list[int], chunk: int = 16) -> F
         for start in range(0, len(indices), chunk):
             batch = reader.get_batch(indices[start : start + chunk]).asnumpy()
             for k, arr in enumerate(batch):
-                yield start + k, arr
+                yield start + k, partial(np.asarray, arr)
     except Exception as exc:
         raise MediaError("corrupt", f"decord decoding failed: {str(exc).splitlines()[0]}", label) from exc
 
@@ -232,7 +244,7 @@ def open_video(
 def decode_frames(source: str | bytes | os.PathLike, indices: list[int], backend: str = "auto") -> np.ndarray:
     """Full-resolution RGB frames ``uint8 [len(indices), H, W, 3]`` at the given indices (tools and tests)."""
     _, decode = open_video(source, VideoOptions(backend=backend))
-    frames = dict(decode(sorted(indices)))
+    frames = {pos: to_array() for pos, to_array in decode(sorted(indices))}
     order = sorted(range(len(indices)), key=lambda k: indices[k])
     out = [None] * len(indices)
     for pos, k in enumerate(order):
@@ -241,7 +253,14 @@ def decode_frames(source: str | bytes | os.PathLike, indices: list[int], backend
 
 
 class _FrameStore:
-    """Keeps sampled frames no larger than the biggest slow size still reachable; shrinks them as it falls."""
+    """Holds the sampled frames no larger than the biggest slow size still reachable, in chunks of frames.
+
+    The bound falls as frames turn out slow; once it has halved, the held frames are shrunk chunk by chunk (each
+    old chunk freed as its replacement fills), so memory never exceeds what is held plus one chunk. A clip that
+    fits one chunk at its final size is returned without a copy.
+    """
+
+    CHUNK = 64
 
     def __init__(self, num_frames: int, options: VideoOptions) -> None:
         self.n = num_frames
@@ -251,33 +270,74 @@ class _FrameStore:
             "total_pixels": options.video_total_pixels,
             "fast_ratio": options.fast_token_ratio,
         }
-        self.frames: list[torch.Tensor] = []
-        self.hw: tuple[int, int] | None = None
+        self.chunks: list[torch.Tensor] = []
+        self.count = 0
+        self.hw = (0, 0)
+        self.source_hw = (0, 0)
 
     def add(self, frame: torch.Tensor, num_slow: int) -> None:
         h, w = int(frame.shape[1]), int(frame.shape[2])
         cap = max_slow_hw(h, w, self.n, num_slow, **self.budget)
         target = cap if area(cap) < h * w else (h, w)
-        if self.hw is None:
-            self.hw = target
-        elif 2 * area(target) <= area(self.hw):  # shrink what is held once the bound has halved
-            self.frames = [resize_uint8(f, target).contiguous() for f in self.frames]
-            self.hw = target
-        self.frames.append(resize_uint8(frame, self.hw).contiguous())  # interpolate already returns contiguous CHW
+        if self.count == 0:
+            self.source_hw, self.hw = (h, w), target
+        elif 2 * area(target) <= area(self.hw):
+            self._shrink(target)
+        if self.count >= self.n:
+            raise ValueError(f"more than the {self.n} sampled frames arrived")
+        row = self.count % self.CHUNK
+        if row == 0:
+            rows = min(self.CHUNK, self.n - self.count)
+            self.chunks.append(torch.empty((rows, 3, *self.hw), dtype=torch.uint8))
+        self.chunks[-1][row].copy_(resize_uint8(frame, self.hw))
+        self.count += 1
 
-    def stack(self, hw: tuple[int, int]) -> torch.Tensor:
-        """All frames as one ``[T, 3, h, w]`` tensor, shrunk to ``hw`` if smaller, releasing each as it is copied."""
+    def _shrink(self, hw: tuple[int, int]) -> None:
+        for c, old in enumerate(self.chunks):
+            new = torch.empty((old.shape[0], 3, *hw), dtype=torch.uint8)
+            for i in range(min(old.shape[0], self.count - c * self.CHUNK)):
+                new[i].copy_(resize_uint8(old[i], hw))
+            self.chunks[c] = new  # the old chunk is freed here
+        self.hw = hw
+
+    def finish(self, hw: tuple[int, int]) -> torch.Tensor:
+        """The frames as one ``[T, 3, h, w]`` tensor at ``hw`` (or the held size, if that is smaller)."""
         target = hw if area(hw) < area(self.hw) else self.hw
-        out = np.empty((len(self.frames), 3, *target), np.uint8)
-        for i, frame in enumerate(self.frames):
-            out[i] = resize_uint8(frame, target).numpy()
-            self.frames[i] = None
-        self.frames = []
-        return torch.from_numpy(out)
+        if len(self.chunks) == 1 and target == self.hw:
+            frames = self.chunks[0][: self.count]
+        else:
+            frames = torch.empty((self.count, 3, *target), dtype=torch.uint8)
+            for c, chunk in enumerate(self.chunks):
+                start = c * self.CHUNK
+                for i in range(min(chunk.shape[0], self.count - start)):
+                    frames[start + i].copy_(resize_uint8(chunk[i], target))
+                self.chunks[c] = None  # released as copied
+        self.chunks = []
+        return frames
+
+
+Prepared = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]  # (uint8 [3, H, W], frame_features)
+
+
+def _prepare(frames: Iterator[torch.Tensor], slow_fast: bool, label: str) -> Iterator[Prepared]:
+    """The per-frame work that needs no other frame: size check, similarity resize, HSV patch features.
+
+    Pulled lazily by ``_assemble`` on the tensor-work thread while the decode thread reads ahead (measured on 2
+    cores: giving the decoder a share of this work when it is ahead did not help beyond noise).
+    """
+    size: tuple[int, int] | None = None
+    sim_hw = (0, 0)
+    for k, frame in enumerate(frames):
+        hw = (int(frame.shape[1]), int(frame.shape[2]))
+        if size is None:
+            size, sim_hw = hw, similarity_size(*hw)
+        elif hw != size:
+            raise MediaError("mixed_sizes", f"frame {k} is {list(hw)}, frame 0 was {list(size)}", label)
+        yield frame, (frame_features(resize_uint8(frame, sim_hw)) if slow_fast else None)
 
 
 def _assemble(
-    frames: Iterator[torch.Tensor],
+    prepared: Iterator[Prepared],
     indices: list[int],
     native_fps: float | None,
     timestamps: list[float],
@@ -288,26 +348,15 @@ def _assemble(
     """Type frames as they arrive, then fix the budget and return the clip."""
     selector = SlowFastSelector(options.min_frame_similarity) if options.slow_fast else None
     store = _FrameStore(len(indices), options)
-    height = width = 0
-    sim_hw: tuple[int, int] | None = None
-    for k, frame in enumerate(frames):
-        if sim_hw is None:
-            height, width = int(frame.shape[1]), int(frame.shape[2])
-            sim_hw = similarity_size(height, width)
-        elif (int(frame.shape[1]), int(frame.shape[2])) != (height, width):
-            raise MediaError(
-                "mixed_sizes", f"frame {k} is {list(frame.shape[1:])}, frame 0 was {[height, width]}", label
-            )
+    for frame, features in prepared:
         if selector is not None:
-            selector.push(resize_uint8(frame, sim_hw))
-            num_slow = selector.num_slow
-        else:
-            num_slow = len(indices)
-        store.add(frame, num_slow)
-    if sim_hw is None:
+            selector.add(*features)
+        store.add(frame, selector.num_slow if selector is not None else len(indices))
+    if store.count == 0:
         raise MediaError("empty", "no frame decoded", label)
-    frame_types = selector.flush() if selector is not None else [SLOW] * len(indices)
+    frame_types = selector.frame_types if selector is not None else [SLOW] * len(indices)
     num_slow, num_fast = count_types(frame_types)
+    height, width = store.source_hw
     slow_hw, fast_hw = budget_sizes(
         height,
         width,
@@ -321,7 +370,7 @@ def _assemble(
     if not options.slow_fast:
         fast_hw = slow_hw
     return VideoClip(
-        frames=store.stack(slow_hw),
+        frames=store.finish(slow_hw),
         timestamps=timestamps,
         frame_types=[int(t) for t in frame_types],
         slow_hw=slow_hw,
@@ -334,11 +383,12 @@ def _assemble(
 
 
 def _load_frame_list(paths: Sequence[str], options: VideoOptions) -> VideoClip:
-    """A video given as image files sampled at ``options.fps`` (timestamps are ``index / fps``)."""
+    """A video given as image files, as the original reads them: ``len(paths)`` frames taken whole (capped by
+    ``max_frames``) and timestamps ``index / fps`` only when ``options.fps`` is given."""
     if not paths:
         raise MediaError("empty", "frame list is empty", "<frame list>")
     label = f"<{len(paths)} frames: {paths[0]}…>"
-    fps = float(options.fps)
+    fps = options.sample_fps
     indices = sample_indices(len(paths), fps, options, label)
     resized = (
         (options.resized_height, options.resized_width)
@@ -351,8 +401,10 @@ def _load_frame_list(paths: Sequence[str], options: VideoOptions) -> VideoClip:
             img = load_image(paths[i], options.min_pixels, options.max_pixels, resized)
             yield torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
-    timestamps = [i / fps for i in indices]
-    return _assemble(frames(), indices, None, timestamps, options, label, len(paths) / fps)
+    timestamps = [i / fps for i in indices] if options.fps is not None else []
+    duration = len(paths) / fps if options.fps is not None else None
+    prepared = _prepare(read_ahead(frames()), options.slow_fast, label)
+    return run_single_threaded(_assemble, prepared, indices, None, timestamps, options, label, duration)
 
 
 def load_video(source: VideoSource, options: VideoOptions | None = None) -> VideoClip:
@@ -364,9 +416,11 @@ def load_video(source: VideoSource, options: VideoOptions | None = None) -> Vide
     meta, decode = open_video(source, options)
     indices = sample_indices(meta.num_frames, meta.fps, options, label)
     # HWC -> CHW view: the same memory layout the original interpolates, so its rounding is reproduced
-    frames = (torch.from_numpy(arr).permute(2, 0, 1) for _, arr in decode(indices))
+    frames = (torch.from_numpy(to_array()).permute(2, 0, 1) for _, to_array in read_ahead(decode(indices)))
+    prepared = _prepare(frames, options.slow_fast, label)
     timestamps = [i / meta.fps for i in indices]
-    return _assemble(frames, indices, meta.fps, timestamps, options, label, meta.num_frames / meta.fps)
+    duration = meta.num_frames / meta.fps
+    return run_single_threaded(_assemble, prepared, indices, meta.fps, timestamps, options, label, duration)
 
 
 def clip_pixels(clip: VideoClip) -> list[torch.Tensor]:

@@ -15,6 +15,8 @@ class MediaConfig:
     """Per-video reading options; the keys match a message's ``{"type": "video", ...}`` item and ``VideoOptions``."""
 
     fps: float = 2.0
+    # frame-image lists (KC-MMBench): None = taken whole without timestamps, the original's rule when no fps is set
+    frame_list_fps: float | None = None
     max_frames: int = 1024
     min_pixels: int = 48 * 784
     max_pixels: int = 768 * 784

@@ -19,9 +19,10 @@ class Engine(Protocol):
 
 
 def media_dict(media: MediaConfig) -> dict[str, Any]:
-    """Video defaults as the plain mapping ``ChatEngine.from_pretrained(media=...)`` takes (image limits travel
-    on each image item instead)."""
-    return {k: v for k, v in dataclasses.asdict(media).items() if not k.startswith("image_")}
+    """Video defaults as the plain mapping ``ChatEngine.from_pretrained(media=...)`` takes (image limits and the
+    frame-list fps travel on each item instead, see ``benchmarks.base.video_item``)."""
+    per_item = {"frame_list_fps"}
+    return {k: v for k, v in dataclasses.asdict(media).items() if not k.startswith("image_") and k not in per_item}
 
 
 def load_engine(cfg: EvalConfig) -> Any:

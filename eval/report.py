@@ -54,7 +54,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         "# Evaluation report",
         "",
         f"- model: `{cfg.get('model') or cfg.get('engine')}` · engine: `{cfg.get('engine')}` · mode: `{cfg.get('mode')}`",
-        f"- media: fps {cfg['media']['fps']}, max_frames {cfg['media']['max_frames']}, "
+        f"- media: fps {cfg['media']['fps']} (frame lists: {cfg['media'].get('frame_list_fps')}), max_frames {cfg['media']['max_frames']}, "
         f"slow_fast {cfg['media']['slow_fast']} · decoding: temperature {cfg['generation']['temperature']}, "
         f"max_new_tokens {cfg['generation']['max_new_tokens']}",
         f"- judge: {cfg['judge']['kind']}"

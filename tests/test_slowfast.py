@@ -42,7 +42,7 @@ def test_cut_every_k_frames_gives_slow_at_each_cut():
     frames = torch.stack([_scene(i // k) for i in range(n)])
     frames[:, :, :8, :8] = 255  # a small change inside each scene must stay fast
     assert select_frame_types(frames) == [SLOW if i % k == 0 else FAST for i in range(n)]
-    # chunking does not change decisions
+    # computing features in chunks does not change decisions
     assert select_frame_types(frames, chunk=1) == select_frame_types(frames, chunk=7)
 
 
@@ -75,9 +75,8 @@ def test_threshold_compares_like_the_original():
     sim = float(similarity_to(u[0], n[0], u[1:], n[1:])[0])
     assert sim == pytest.approx(0.9, abs=1e-6)
     sel = SlowFastSelector(0.9)
-    for f in (ref, other):
-        sel.push(f)
-    assert sel.flush() == [SLOW, SLOW]
+    assert [sel.add(u[k], n[k]) for k in range(2)] == [SLOW, SLOW]
+    assert sel.frame_types == [SLOW, SLOW] and sel.num_slow == 2
 
 
 def test_worked_example_1080p():

@@ -79,11 +79,14 @@ def test_bytes_match(videos):
     _assert_same(load_video(data), ref_frames, kw)
 
 
-def test_frame_list_matches(tmp_path):
+@pytest.mark.parametrize("fps", [None, 2.0, 0.5])
+def test_frame_list_matches(tmp_path, fps):
+    """Frame lists are taken whole; timestamps exist only when fps is given (none at all otherwise)."""
     paths = synthetic.write_frame_images(tmp_path, num_frames=12, every=4)
-    ref_frames, kw = keye_vl_utils.fetch_video({"video": paths, "fps": 2.0})
-    ours = load_video(paths, VideoOptions(fps=2.0))
+    ref_frames, kw = keye_vl_utils.fetch_video({"video": paths} if fps is None else {"video": paths, "fps": fps})
+    ours = load_video(paths, VideoOptions(fps=fps))
     _assert_same(ours, ref_frames, kw)
+    assert ("timestamps" in kw) == bool(ours.timestamps)
     assert tuple(ours.frames.shape[-2:]) == tuple(ref_frames.shape[-2:])
 
 

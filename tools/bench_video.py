@@ -22,8 +22,8 @@ import time
 
 
 def _worker(impl: str, path: str, warmup: str, include_pixels: bool) -> None:
-    """Read ``warmup`` (a short clip: library and thread-pool start-up, paid once per data-loader worker), then
-    time one read of ``path`` and print a JSON result line (runs in its own process)."""
+    """Read ``warmup`` (a 2-second clip of the same resolution: library, decoder and allocator start-up, paid once
+    per data-loader worker), then time one read of ``path`` and print a JSON result line (in its own process)."""
     import numpy as np
     from keye_vl_utils import fetch_video
 
@@ -109,16 +109,16 @@ def main() -> int:
         _worker(args.worker[0], args.worker[1], args.worker[2], include_pixels=False)
         return 0
     os.makedirs(args.workdir, exist_ok=True)
-    warmup = _make(args.workdir, "bench_warmup_2s", 2.0, args.fps, 240, 320)
-    cases = [
-        ("720p", _make(args.workdir, f"bench_720p_{int(args.seconds)}s", args.seconds, args.fps, 720, 1280)),
-        ("1080p", _make(args.workdir, f"bench_1080p_{int(args.seconds)}s", args.seconds, args.fps, 1080, 1920)),
-    ]
+    cases = []
+    for label, (height, width) in (("720p", (720, 1280)), ("1080p", (1080, 1920))):
+        path = _make(args.workdir, f"bench_{label}_{int(args.seconds)}s", args.seconds, args.fps, height, width)
+        warmup = _make(args.workdir, f"bench_{label}_warmup_2s", 2.0, args.fps, height, width)
+        cases.append((label, path, warmup))
     print(f"cpu cores: {os.cpu_count()}, repeats: {args.repeat} (median)")
     print("peak RSS in MB; +N is above the RSS right after imports")
     print(f"{'video':8} {'ref s':>8} {'ours s':>8} {'ratio':>6} {'ref RSS':>14} {'ours RSS':>14}  identical")
     failed = False
-    for label, path in cases:
+    for label, path, warmup in cases:
         runs: dict[str, list[dict]] = {"ref": [], "ours": []}
         for _ in range(args.repeat):  # alternate so background load hits both alike
             for impl in ("ref", "ours"):
@@ -134,7 +134,7 @@ def main() -> int:
         )
     if args.long:
         path = _make(args.workdir, "bench_1080p_600s", 600, 5.0, 1080, 1920)
-        r = _run("ours", path, warmup)
+        r = _run("ours", path, cases[-1][2])
         print(
             f"10-min 1080p @5fps (ours only): {r['seconds']:.2f} s, {r['frames']} frames "
             f"({sum(r['frame_types'])} fast), slow {r['slow_hw']}, fast {r['fast_hw']}, peak RSS {_rss([r])} MB"

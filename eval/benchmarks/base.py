@@ -70,7 +70,7 @@ def video_item(sample: Sample, media: MediaConfig) -> dict[str, Any]:
     item: dict[str, Any] = {
         "type": "video",
         "video": sample.video,
-        "fps": media.fps,
+        "fps": media.frame_list_fps if isinstance(sample.video, list) else media.fps,
         "max_frames": media.max_frames,
         "min_pixels": media.min_pixels,
         "max_pixels": media.max_pixels,

@@ -13,14 +13,14 @@ import json
 import sys
 import time
 
-from data_pipelines.media import FAST, MediaError, VideoClip, VideoOptions
+from data_pipelines.media import DEFAULT_FPS, FAST, MediaError, VideoClip, VideoOptions
 from data_pipelines.resize import tokens_for
 from data_pipelines.video_reader import clip_pixels, load_video
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="video files")
-    parser.add_argument("--fps", type=float, default=VideoOptions.fps, help="sampling rate (default %(default)s)")
+    parser.add_argument("--fps", type=float, default=None, help=f"sampling rate (default {DEFAULT_FPS})")
     parser.add_argument("--max-frames", type=int, default=None, help="cap on sampled frames")
     parser.add_argument(
         "--min-frame-similarity",
@@ -49,13 +49,20 @@ def _summary(clip: VideoClip, seconds: float) -> dict:
 def _human(clip: VideoClip, info: dict) -> str:
     fast = sum(1 for t in clip.frame_types if t == FAST)
     slow_tok, fast_tok = tokens_for(*clip.slow_hw), tokens_for(*clip.fast_hw)
-    marks = " ".join(f"{t:.1f}{'f' if k == FAST else 'S'}" for t, k in zip(clip.timestamps, clip.frame_types))
+    times = clip.timestamps or [None] * clip.num_frames
+    marks = " ".join(
+        f"{'' if t is None else f'{t:.1f}'}{'f' if k == FAST else 'S'}" for t, k in zip(times, clip.frame_types)
+    )
+    if clip.native_fps:
+        duration = f"  duration {clip.duration:.2f} s at {clip.native_fps:.3f} fps"
+    elif clip.duration is not None:
+        duration = f"  duration {clip.duration:.2f} s (frame list)"
+    else:
+        duration = "  frame list without fps: no timestamps"
     return "\n".join(
         [
             f"{clip.path}",
-            f"  duration {clip.duration:.2f} s at {clip.native_fps:.3f} fps"
-            if clip.native_fps
-            else f"  duration {clip.duration:.2f} s (frame list)",
+            duration,
             f"  sampled {clip.num_frames} frames: {clip.num_frames - fast} slow, {fast} fast",
             f"  slow {clip.slow_hw[0]}x{clip.slow_hw[1]} ({slow_tok} tokens), fast {clip.fast_hw[0]}x{clip.fast_hw[1]} "
             f"({fast_tok} tokens); visual tokens {info['visual_tokens']}",
