@@ -6,7 +6,7 @@ per run), checks that indices, timestamps, frame types and slow/fast sizes are i
 video, the speed ratio and peak RSS. ``--long`` adds a 10-minute 1080p clip read by ours only (the original keeps
 every sampled frame at full resolution, several GB there).
 
-    python tools/bench_video.py [--workdir /tmp/keye_bench] [--seconds 30] [--repeat 3] [--long]
+    python tools/bench_video.py [--workdir /tmp/keye_bench] [--seconds 30] [--repeat 5] [--long]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/keye_bench")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--fps", type=float, default=30.0)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--long", action="store_true", help="also read a 10-minute 1080p clip (ours only)")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "PATH", "WARMUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
