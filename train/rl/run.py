@@ -24,7 +24,6 @@ gathered parameter at a time) before every rollout: one extra copy of the weight
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
@@ -233,6 +232,19 @@ class AlwaysRunVision(torch.nn.Module):
 
 
 @torch.no_grad()
+def rollout_replica(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """A whole (unpartitioned) model of the same config for rollouts. Built without weight init: ``sync_replica``
+    fills every weight from the partitions before each rollout."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        replica = type(model)(model.config)
+    if model.config.tie_word_embeddings:
+        replica.tie_weights()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return replica.to(dtype).requires_grad_(False).eval()
+
+
 def sync_replica(module: torch.nn.Module, replica: torch.nn.Module) -> None:
     """Copy ZeRO-3-partitioned weights into the full rollout replica, gathering one parameter at a time."""
     import deepspeed
@@ -286,7 +298,7 @@ def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
     model.config.use_cache = True  # generation uses the KV cache; training forwards pass use_cache=False
     apply_freeze(model, cfg.freeze)
     set_activation_checkpointing(model, cfg.activation_checkpointing.vit, cfg.activation_checkpointing.llm)
-    replica = copy.deepcopy(model).requires_grad_(False).eval() if zero3 else None
+    replica = rollout_replica(model, precision) if zero3 else None
 
     updates = cfg.rl.update.minibatches * cfg.rl.update.epochs  # optimizer steps per RL step
     schedule = dataclasses.replace(cfg.schedule, warmup_steps=cfg.schedule.warmup_steps * updates)
