@@ -6,6 +6,7 @@ replica) ends."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,27 @@ def test_prompt_shares_are_disjoint_and_cover_each_epoch():
     assert sorted(seen) == list(range(n))  # two steps of 8 = one epoch of 16, each record once
     with pytest.raises(ValueError, match="divisible"):
         step_prompt_indices(n, 0, 6, 0, 0, 4)
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_rl_run(tmp_path):
+    """Two processes under ZeRO-3: ranks generate different numbers of tokens on their own prompts, pad their
+    updates to equal work and refresh their rollout replicas from the partitions; the run must finish (a
+    divergence in collective calls hangs it), count both ranks' rollouts, and move the LLM but not the frozen ViT."""
+    from tests import train_helpers as th
+
+    config, out = _setup(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["distributed"] = {**data.get("distributed", {}), "zero_stage": 3}
+    data["checkpoint"]["every_steps"] = 10
+    config.write_text(yaml.safe_dump(data))
+    th.run(config, nproc=2, timeout=240)
+    rows = [r for r in _lines(out) if "step" in r and "event" not in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    # prompts_per_step is global: one prompt per rank, G=2 rollouts each, summed over ranks in the log
+    assert all(r["prompts"] == 2 and r["rollouts"] == 2 * 2 for r in rows), rows
+    assert all(math.isfinite(r["update/grad_norm"]) and r["update/grad_norm"] > 0 for r in rows)
+    exported = KeyeVLForConditionalGeneration.from_pretrained(out / "hf").state_dict()
+    initial = KeyeVLForConditionalGeneration.from_pretrained(tmp_path / "init").state_dict()
+    assert all(torch.equal(exported[k], initial[k]) for k in initial if k.startswith("visual."))
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial if k.startswith("model."))
