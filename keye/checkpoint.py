@@ -46,21 +46,6 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {directory}")
 
 
-def checkpoint_index(directory: str | Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file of a local checkpoint, read from headers only (no tensor is loaded)."""
-    from safetensors import safe_open
-
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-    with safe_open(str(single), framework="pt") as fh:
-        return dict.fromkeys(fh.keys(), single)
-
-
 def _is_unused(key: str) -> bool:
     return any(re.search(p, key) for p in UNUSED_KEY_PATTERNS)
 
