@@ -96,8 +96,8 @@ def load_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str):
     Every rank loads the whole model on the host (``from_pretrained`` memory-maps the safetensors) and
     ``deepspeed.initialize`` partitions it (ZeRO-3). Building inside ``deepspeed.zero.Init`` and filling the
     shards module by module was tried and measured worse on a 0.96B model with 2 ranks (peak anonymous memory
-    per rank 3.0 GB vs 2.1 GB in bf16, 5.8 vs 5.7 GB in fp32, and 1.5-2x slower), so it is not used; at 8B with
-    8 ranks per node the whole-model peak is ~16 GB per rank in bf16."""
+    per rank 3.0 GB vs 2.1 GB in bf16, 5.8 vs 5.7 GB in fp32, and 1.5-2x slower), so it is not used. Extrapolated
+    from those figures (~2.2 bytes per parameter in bf16), an 8B model peaks near 19 GB of host memory per rank."""
     from keye.auto import register
     from keye.configuration import KeyeVLConfig, load_model_config
     from keye.modeling import KeyeVLForConditionalGeneration
