@@ -63,7 +63,6 @@ def test_frame_store_shrinks_across_chunks_and_keeps_order():
     n = 150
     options = VideoOptions(video_total_pixels=20000 * 784)
     store = _FrameStore(n, options)
-    store.CHUNK = 64
     held = []
     for i in range(n):
         store.add(_solid(i), num_slow=1 + i)  # as if every frame were slow

@@ -7,6 +7,7 @@ on the same curve.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,22 +23,31 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         "projector": cfg.projector_lr if cfg.projector_lr is not None else cfg.lr,
         "llm": cfg.llm_lr if cfg.llm_lr is not None else cfg.lr,
     }
+    groups = grouped_by_part(model, module_of, lrs, cfg.weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: the freeze plan freezes the whole model")
+    return groups
+
+
+def grouped_by_part(
+    model: nn.Module, part_of: Callable[[str], str], lrs: dict[str, float], weight_decay: float
+) -> list[dict]:
+    """Trainable parameters grouped by (``part_of(name)``, decay), the learning rate of their part each; no weight
+    decay on 0/1-dimensional tensors, biases and norms."""
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
-        groups.setdefault((module_of(name), not no_decay), []).append(param)
-    if not groups:
-        raise ValueError("no trainable parameters: the freeze plan freezes the whole model")
+        groups.setdefault((part_of(name), not no_decay), []).append(param)
     return [
         {
-            "name": f"{module}/{'decay' if decay else 'no_decay'}",
+            "name": f"{part}/{'decay' if decay else 'no_decay'}",
             "params": params,
-            "lr": lrs[module],
-            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr": lrs[part],
+            "weight_decay": weight_decay if decay else 0.0,
         }
-        for (module, decay), params in sorted(groups.items())
+        for (part, decay), params in sorted(groups.items())
     ]
 
 

@@ -45,6 +45,7 @@ from torch.utils.data import IterableDataset
 from data_pipelines.reader import MappedStream
 from train.config import DataConfig, OptimConfig, SiglipConfig, resolve_path
 from train.data import RecordFilter, StreamData, reader_of, record_stream, with_media_bytes
+from train.optim import grouped_by_part
 
 log = logging.getLogger(__name__)
 
@@ -262,22 +263,11 @@ def tower_param_groups(tower: SiglipTower, optim: OptimConfig, text_lr: float | 
         "text": text_lr if text_lr is not None else optim.lr,
         "head": optim.lr,
     }
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, param in tower.named_parameters():
-        if not param.requires_grad:
-            continue
-        part = "vit" if name.startswith("visual.") else "text" if name.startswith("text.") else "head"
-        decay = param.ndim >= 2 and not name.endswith(".bias") and "norm" not in name.lower()
-        groups.setdefault((part, decay), []).append(param)
-    return [
-        {
-            "name": f"{part}/{'decay' if decay else 'no_decay'}",
-            "params": params,
-            "lr": lrs[part],
-            "weight_decay": optim.weight_decay if decay else 0.0,
-        }
-        for (part, decay), params in sorted(groups.items())
-    ]
+    return grouped_by_part(tower, _tower_part, lrs, optim.weight_decay)
+
+
+def _tower_part(name: str) -> str:
+    return "vit" if name.startswith("visual.") else "text" if name.startswith("text.") else "head"
 
 
 # --- data ----------------------------------------------------------------------------------------------------
