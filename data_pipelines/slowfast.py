@@ -3,15 +3,19 @@
 A sampled frame is *slow* (full token budget) when it differs enough from the most recent slow frame, otherwise
 *fast* (about 30% of the tokens). Similarity is the fraction of 28×28 HSV patches whose cosine with the same patch
 of the reference exceeds 0.7, computed on frames downscaled to at most 256 tokens. The decisions must equal the
-shipped keye-vl-utils 1.5.2 bit for bit (the released checkpoint was trained on them), so the float32 operations
-and their order mirror it; only the structure differs: each frame is converted to HSV once, every comparison is one
-tensor expression over all patches, and the per-frame work (``frame_features``) is separate from the sequential
-decision (``SlowFastSelector``), so readers compute features on their decode thread and hold one reference frame.
+shipped keye-vl-utils 1.5.2 bit for bit (the released checkpoint was trained on them). Its float32 cosines are
+reproduced without redoing its work on every patch: a cheap cosine (any summation order) decides every patch whose
+cosine is clearly away from 0.7, and only patches within ``_COSINE_MARGIN`` of it are recomputed with the
+original's exact float32 operations and order (``_reference_cosines``). The margin is a proven bound: both
+computations sum at most 2352 non-negative terms, so each is within 3e-4 of the true cosine.
+Per-frame work (``frame_features``) is separate from the sequential decision (``SlowFastSelector``), so readers
+compute it as frames arrive and hold one reference frame.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -28,7 +32,9 @@ SIMILARITY_MAX_PIXELS = 256 * PIXELS_PER_TOKEN  # frames are compared at <= 256 
 PATCH_SIZE = 28
 PATCH_COSINE_THRESHOLD = 0.7
 _EPS = 1e-8
-_BLACK_NORM = 0.01
+# |cheap cosine - original float32 cosine| <= 2 * (2351 + 4) * 2**-24 < 3e-4 (sums of non-negative terms);
+# patches closer than this to the threshold are recomputed exactly
+_COSINE_MARGIN = 1e-3
 
 
 def similarity_size(height: int, width: int) -> tuple[int, int]:
@@ -45,58 +51,81 @@ def resize_uint8(frames: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return x[0] if squeeze else x
 
 
-def patch_features(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """HSV patch vectors of uint8 frames ``[T, 3, h, w]`` (h, w multiples of 28).
+@dataclass(frozen=True)
+class FrameFeatures:
+    """HSV patches of one frame at ``similarity_size``.
 
-    Returns ``(unit, norm)``: ``unit`` ``[T, h/28, w/28, 3*28*28]`` float32 patches divided by ``norm + 1e-8``,
-    ``norm`` ``[T, h/28, w/28]``. Vector layout is (channel, row, column) within a patch, as in the original.
+    ``patches`` float32 ``[P, 28*28*3]`` in (row, column, channel) order within a patch (cheap to gather from an
+    HWC image; the cheap cosine does not depend on the order), ``norm`` float32 ``[P]`` their Euclidean norms
+    (exactly 0 for a black patch).
     """
-    if frames.dim() != 4 or frames.shape[1] != 3:
-        raise ValueError(f"expected frames [T, 3, h, w], got {list(frames.shape)}")
-    t, c, h, w = frames.shape
+
+    patches: torch.Tensor
+    norm: torch.Tensor
+
+
+def _hwc(frame: torch.Tensor) -> np.ndarray:
+    """uint8 ``[3, h, w]`` as a contiguous ``[h, w, 3]`` array (cv2.merge: a plain permute copy is ~15x slower)."""
+    view = frame.permute(1, 2, 0)
+    if view.is_contiguous():
+        return view.numpy()
+    return cv2.merge([np.ascontiguousarray(c) for c in frame.numpy()])
+
+
+def frame_features(frame: torch.Tensor) -> FrameFeatures:
+    """HSV patch features of one uint8 frame ``[3, h, w]`` (h, w multiples of 28, normally ``similarity_size``)."""
+    if frame.dim() != 3 or frame.shape[0] != 3:
+        raise ValueError(f"expected a frame [3, h, w], got {list(frame.shape)}")
+    _, h, w = frame.shape
     if h % PATCH_SIZE or w % PATCH_SIZE:
         raise ValueError(f"frame size {h}x{w} is not a multiple of {PATCH_SIZE}")
-    hwc = frames.permute(0, 2, 3, 1).contiguous().numpy()
-    hsv = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2HSV) for f in hwc]) if t else np.zeros((0, h, w, 3), np.uint8)
-    x = torch.from_numpy(hsv).permute(0, 3, 1, 2)  # [T, C, H, W] uint8
+    hsv = torch.from_numpy(cv2.cvtColor(_hwc(frame), cv2.COLOR_RGB2HSV))  # [h, w, 3] uint8
     ph, pw = h // PATCH_SIZE, w // PATCH_SIZE
-    # rearrange while still uint8 (4x less to copy), then widen: the same float values as widening first
-    patches = (
-        x.reshape(t, c, ph, PATCH_SIZE, pw, PATCH_SIZE)
-        .permute(0, 2, 4, 1, 3, 5)
-        .reshape(t, ph, pw, c * PATCH_SIZE**2)
-        .float()
-    )
-    norm = torch.norm(patches, p=2, dim=-1, keepdim=True) + _EPS
-    return patches / norm, norm.squeeze(-1)
+    patches = hsv.reshape(ph, PATCH_SIZE, pw, PATCH_SIZE * 3).permute(0, 2, 1, 3).reshape(ph * pw, -1).float()
+    return FrameFeatures(patches, torch.linalg.vector_norm(patches, dim=-1))
 
 
-def similarity_to(
-    ref_unit: torch.Tensor,
-    ref_norm: torch.Tensor,
-    unit: torch.Tensor,
-    norm: torch.Tensor,
-    threshold: float = PATCH_COSINE_THRESHOLD,
-) -> torch.Tensor:
-    """Fraction of similar patches between one reference ``[ph, pw, D]`` and frames ``[T, ph, pw, D]``.
+def _reference_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The original's float32 cosine of patch rows ``[k, 28*28*3]`` given in ``FrameFeatures`` order.
 
-    Patches black in both frames are excluded; a pair with no remaining patch yields NaN (never "dissimilar"),
-    matching the original's mean over an empty selection. Float32 result, as the original compares it.
+    Rows are put back in its (channel, row, column) order and go through its exact operations, so the float32
+    rounding is the same; every operation works row by row, so a subset of rows gives the same values.
     """
-    cos = (ref_unit.unsqueeze(0) * unit).sum(dim=-1)  # [T, ph, pw]
-    counted = ~((ref_norm.unsqueeze(0) < _BLACK_NORM) & (norm < _BLACK_NORM))
-    similar = ((cos > threshold) & counted).flatten(1).sum(1).float()
-    total = counted.flatten(1).sum(1).float()
-    return similar / total  # 0/0 -> NaN
+
+    def original_order(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, PATCH_SIZE, PATCH_SIZE, 3).permute(0, 3, 1, 2).reshape(x.shape[0], -1)
+
+    a, b = original_order(a), original_order(b)
+    unit_a = a / (torch.norm(a, p=2, dim=-1, keepdim=True) + _EPS)
+    unit_b = b / (torch.norm(b, p=2, dim=-1, keepdim=True) + _EPS)
+    return (unit_a * unit_b).sum(dim=-1)
 
 
-def frame_features(frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``patch_features`` of one uint8 frame ``[3, h, w]`` already at ``similarity_size``: ``(unit, norm)``.
+def similar_patches(
+    ref: FrameFeatures, cur: FrameFeatures, threshold: float = PATCH_COSINE_THRESHOLD
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(similar, counted, recomputed)``: per-patch bool masks and how many patches needed the exact cosine.
 
-    Independent of every other frame, so readers compute it on their decode thread.
+    A patch pair is counted unless both are black (the original's ``norm < 0.01`` mask: a non-black patch of
+    integers has norm >= 1); it is similar when the original's float32 cosine exceeds ``threshold``.
     """
-    unit, norm = patch_features(frame.unsqueeze(0))
-    return unit[0], norm[0]
+    if ref.patches.shape != cur.patches.shape:
+        raise ValueError(f"frames differ in patch layout: {list(ref.patches.shape)} vs {list(cur.patches.shape)}")
+    dot = (ref.patches * cur.patches).sum(dim=-1)
+    cosine = dot.double() / (ref.norm.double() * cur.norm.double()).clamp_min(1.0)  # 0 when either is black
+    similar = cosine > threshold
+    unsure = ((cosine - threshold).abs() < _COSINE_MARGIN).nonzero().flatten()
+    if unsure.numel():
+        similar[unsure] = _reference_cosines(ref.patches[unsure], cur.patches[unsure]) > threshold
+    counted = (ref.norm > 0) | (cur.norm > 0)
+    return similar & counted, counted, int(unsure.numel())
+
+
+def similarity(ref: FrameFeatures, cur: FrameFeatures, threshold: float = PATCH_COSINE_THRESHOLD) -> float:
+    """Fraction of similar patches, as the original computes it (a float32 mean; NaN when every patch pair is
+    black, i.e. the mean over an empty selection)."""
+    similar, counted, _ = similar_patches(ref, cur, threshold)
+    return float(similar.sum().float() / counted.sum().float())
 
 
 class SlowFastSelector:
@@ -109,18 +138,15 @@ class SlowFastSelector:
 
     def __init__(self, min_frame_similarity: float = 0.90) -> None:
         self.threshold = float(min_frame_similarity)
-        self._ref: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ref: FrameFeatures | None = None
         self.frame_types: list[int] = []
         self.num_slow = 0
 
-    def add(self, unit: torch.Tensor, norm: torch.Tensor) -> int:
-        """Type the next frame from its ``(unit, norm)`` features; returns ``SLOW`` or ``FAST``."""
-        slow = self._ref is None
-        if not slow:
-            sim = similarity_to(self._ref[0], self._ref[1], unit.unsqueeze(0), norm.unsqueeze(0))
-            slow = float(sim[0]) < self.threshold
+    def add(self, features: FrameFeatures) -> int:
+        """Type the next frame from its features; returns ``SLOW`` or ``FAST``."""
+        slow = self._ref is None or similarity(self._ref, features) < self.threshold
         if slow:
-            self._ref = (unit, norm)
+            self._ref = features
             self.num_slow += 1
         kind = SLOW if slow else FAST
         self.frame_types.append(kind)
@@ -128,7 +154,7 @@ class SlowFastSelector:
 
 
 def select_frame_types(frames: torch.Tensor, min_frame_similarity: float = 0.90, chunk: int = 16) -> list[int]:
-    """Slow/fast types of uint8 frames ``[T, 3, H, W]`` at any size (features computed ``chunk`` frames at a time)."""
+    """Slow/fast types of uint8 frames ``[T, 3, H, W]`` at any size (resized ``chunk`` frames at a time)."""
     t = int(frames.shape[0])
     if t == 0:
         return []
@@ -136,9 +162,8 @@ def select_frame_types(frames: torch.Tensor, min_frame_similarity: float = 0.90,
     selector = SlowFastSelector(min_frame_similarity)
     chunk = max(1, int(chunk))
     for start in range(0, t, chunk):
-        unit, norm = patch_features(resize_uint8(frames[start : start + chunk], sim_hw))
-        for u, n in zip(unit, norm, strict=True):
-            selector.add(u, n)
+        for frame in resize_uint8(frames[start : start + chunk], sim_hw):
+            selector.add(frame_features(frame))
     return selector.frame_types
 
 

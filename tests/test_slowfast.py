@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -12,9 +13,9 @@ from data_pipelines.resize import tokens_for
 from data_pipelines.slowfast import (
     SlowFastSelector,
     budget_sizes,
-    patch_features,
+    frame_features,
     select_frame_types,
-    similarity_to,
+    similarity,
     slow_token_limit,
 )
 
@@ -62,8 +63,7 @@ def test_compares_with_last_slow_not_previous_frame():
 def test_black_frames_are_fast_and_black_patches_excluded():
     black = torch.zeros(3, 3, 56, 56, dtype=torch.uint8)
     assert select_frame_types(black) == [SLOW, FAST, FAST]
-    u, n = patch_features(black[:2])
-    assert torch.isnan(similarity_to(u[0], n[0], u[1:], n[1:])).all()
+    assert math.isnan(similarity(frame_features(black[0]), frame_features(black[1])))
 
 
 def test_threshold_compares_like_the_original():
@@ -71,11 +71,11 @@ def test_threshold_compares_like_the_original():
     ref = _scene(2, 28, 280)
     other = ref.clone()
     other[:, :, :28] = _complement(ref[:, :, :28])
-    u, n = patch_features(torch.stack([ref, other]))
-    sim = float(similarity_to(u[0], n[0], u[1:], n[1:])[0])
+    feats = [frame_features(ref), frame_features(other)]
+    sim = similarity(*feats)
     assert sim == pytest.approx(0.9, abs=1e-6)
     sel = SlowFastSelector(0.9)
-    assert [sel.add(u[k], n[k]) for k in range(2)] == [SLOW, SLOW]
+    assert [sel.add(f) for f in feats] == [SLOW, SLOW]
     assert sel.frame_types == [SLOW, SLOW] and sel.num_slow == 2
 
 

@@ -12,7 +12,7 @@ keye_vl_utils = pytest.importorskip("keye_vl_utils.vision_process")
 
 from data_pipelines import synthetic  # noqa: E402
 from data_pipelines.media import VideoOptions  # noqa: E402
-from data_pipelines.slowfast import patch_features, similarity_to  # noqa: E402
+from data_pipelines.slowfast import frame_features, similar_patches, similarity  # noqa: E402
 from data_pipelines.video_reader import decode_frames, load_video  # noqa: E402
 
 CASES = {
@@ -103,7 +103,25 @@ def test_patch_similarity_equals_reference():
     b[:, :56] = torch.randint(0, 256, (3, 56, 112), generator=gen, dtype=torch.uint8)
     b[:, 56:, :28] = 0
     a[:, 56:, :28] = 0  # a patch black in both: excluded
-    ua, na = patch_features(a[None])
-    ub, nb = patch_features(b[None])
-    ours = float(similarity_to(ua[0], na[0], ub, nb)[0])
+    ours = similarity(frame_features(a), frame_features(b))
     assert ours == keye_vl_utils.get_frame_sim(a.float(), b.float())
+
+
+def test_patches_near_threshold_decide_like_reference():
+    """Blacking out ~half of a patch's pixels puts its cosine near 0.7: the cheap cosine is unsure there and the
+    exact recomputation must give the original's decision, patch by patch (each 28x28 crop run through it)."""
+    gen = torch.Generator().manual_seed(0)
+    h, w, recomputed = 112, 280, 0
+    for _ in range(30):
+        a = torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8)
+        frac = (0.45 + 0.11 * torch.rand(h // 28, w // 28, generator=gen)).repeat_interleave(28, 0)
+        b = torch.where(torch.rand(h, w, generator=gen) < frac.repeat_interleave(28, 1), 0, a).to(torch.uint8)
+        fa, fb = frame_features(a), frame_features(b)
+        similar, counted, unsure = similar_patches(fa, fb)
+        recomputed += unsure
+        assert similarity(fa, fb) == keye_vl_utils.get_frame_sim(a.float(), b.float())
+        for k in range(similar.numel()):
+            r, c = divmod(k, w // 28)
+            crop = (slice(None), slice(28 * r, 28 * r + 28), slice(28 * c, 28 * c + 28))
+            assert float(similar[k]) == keye_vl_utils.get_frame_sim(a[crop].float(), b[crop].float()), k
+    assert recomputed >= 20  # the exact path was exercised
