@@ -50,6 +50,9 @@ class VideoOptions:
     resized_width: int | None = None
     backend: str = "auto"  # "auto" (PyAV, then decord), "pyav" or "decord"
     decode_threads: int = 1  # PyAV decoder threads; 1 is fastest per core (loader workers parallelise), 0 = auto
+    # sampled frames are returned at decoded size when they all fit in this many MiB (the processor resizes each
+    # once, as the original); above it they are held at the largest slow size still reachable (long videos)
+    full_size_limit_mb: float = 512.0
 
     @property
     def sample_fps(self) -> float:

@@ -11,8 +11,9 @@ What differs is how the work is done:
   cannot read the file, decord (the original's reader) is tried. ``backend="decord"`` forces decord.
 - **Two threads** (``overlap``): one decodes (and reads ahead a few frames), the other converts to RGB, computes
   similarity features, types frames and stores them, with one torch thread; on 2 cores the two halves overlap.
-- **Streaming**: each frame is typed on arrival (``SlowFastSelector``) and kept only at the largest slow size the
-  budget can still give it (``_FrameStore``), so memory is bounded by the token budget, not by resolution × frames.
+- **Streaming**: each frame is typed on arrival (``SlowFastSelector``) and stored (``_FrameStore``): at decoded
+  size, as the original returns frames, when all sampled frames fit ``full_size_limit_mb``; otherwise only at the
+  largest slow size the budget can still give it, so memory is bounded by the token budget, not the video length.
 - **Frame lists** (the KC-MMBench form): only the sampled images are read; each is resized as the original does.
 
 Errors on one input raise ``MediaError`` (with a ``reason``) so loaders can count and skip.
@@ -36,6 +37,7 @@ from .image_reader import load_image
 from .media import FAST, SLOW, MediaError, VideoClip, VideoOptions
 from .overlap import read_ahead, run_single_threaded
 from .slowfast import (
+    FrameFeatures,
     SlowFastSelector,
     area,
     budget_sizes,
@@ -162,10 +164,14 @@ def _av_frames(
     rgb = VideoReformatter()  # one swscale context for the whole clip (a fresh one per frame costs ~1 ms)
     with _av_open(source, label) as container:
         stream = _av_video_stream(container, label)
-        if threads != 1:  # frame threads cost more than they give on a busy 2-core box (measured)
-            stream.thread_type = "AUTO"
-            stream.thread_count = threads
         codec = stream.codec_context
+        # PyAV's default is automatic *slice* threads: with one slice per frame (x264's default) they decode
+        # nothing in parallel, yet their hand-offs cost about one extra CPU-second per CPU-second of decoding
+        # (measured), taken from the thread doing the tensor work. Frame threads also cost more than they give
+        # on a busy 2-core box (measured), so 1 is the default.
+        codec.thread_count = threads
+        if threads != 1:
+            codec.thread_type = "AUTO"
         try:
             if seek and indices[0] > 0:
                 container.seek(pts[indices[0]], stream=stream, backward=True, any_frame=False)
@@ -253,11 +259,14 @@ def decode_frames(source: str | bytes | os.PathLike, indices: list[int], backend
 
 
 class _FrameStore:
-    """Holds the sampled frames no larger than the biggest slow size still reachable, in chunks of frames.
+    """Holds the sampled frames of one video as they arrive, in chunks of frames.
 
-    The bound falls as frames turn out slow; once it has halved, the held frames are shrunk chunk by chunk (each
-    old chunk freed as its replacement fills), so memory never exceeds what is held plus one chunk. A clip that
-    fits one chunk at its final size is returned without a copy.
+    When all of them fit ``options.full_size_limit_mb`` at decoded size they are kept as decoded: what the
+    processor expects (it resizes each frame once, to its slow or fast size, as the original does). Otherwise
+    each is kept no larger than the biggest slow size still reachable: the bound falls as frames turn out slow;
+    once it has halved, the held frames are shrunk chunk by chunk (each old chunk freed as its replacement fills),
+    so memory never exceeds what is held plus one chunk. Chunks take the first frame's memory layout, so storing
+    a frame is one plain copy; a clip that fits one chunk is returned without a copy.
     """
 
     CHUNK = 64
@@ -270,43 +279,61 @@ class _FrameStore:
             "total_pixels": options.video_total_pixels,
             "fast_ratio": options.fast_token_ratio,
         }
+        self.limit_bytes = int(options.full_size_limit_mb * 2**20)
         self.chunks: list[torch.Tensor] = []
         self.count = 0
         self.hw = (0, 0)
         self.source_hw = (0, 0)
+        self.channels_last = False
+
+    def bounded(self, height: int, width: int) -> bool:
+        """Whether frames of this decoded size are held below it (all of them at full size exceed the limit)."""
+        return self.n * height * width * 3 > self.limit_bytes
+
+    def _target(self, height: int, width: int, num_slow: int) -> tuple[int, int]:
+        if not self.bounded(height, width):
+            return height, width
+        cap = max_slow_hw(height, width, self.n, num_slow, **self.budget)
+        return cap if area(cap) < height * width else (height, width)
+
+    def _empty(self, rows: int, hw: tuple[int, int]) -> torch.Tensor:
+        if self.channels_last:
+            return torch.empty((rows, *hw, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        return torch.empty((rows, 3, *hw), dtype=torch.uint8)
 
     def add(self, frame: torch.Tensor, num_slow: int) -> None:
+        """Keep the next frame (at decoded size), given how many frames so far are slow."""
         h, w = int(frame.shape[1]), int(frame.shape[2])
-        cap = max_slow_hw(h, w, self.n, num_slow, **self.budget)
-        target = cap if area(cap) < h * w else (h, w)
+        target = self._target(h, w, num_slow)
         if self.count == 0:
             self.source_hw, self.hw = (h, w), target
+            self.channels_last = frame.permute(1, 2, 0).is_contiguous()
         elif 2 * area(target) <= area(self.hw):
             self._shrink(target)
         if self.count >= self.n:
             raise ValueError(f"more than the {self.n} sampled frames arrived")
         row = self.count % self.CHUNK
         if row == 0:
-            rows = min(self.CHUNK, self.n - self.count)
-            self.chunks.append(torch.empty((rows, 3, *self.hw), dtype=torch.uint8))
+            self.chunks.append(self._empty(min(self.CHUNK, self.n - self.count), self.hw))
         self.chunks[-1][row].copy_(resize_uint8(frame, self.hw))
         self.count += 1
 
     def _shrink(self, hw: tuple[int, int]) -> None:
         for c, old in enumerate(self.chunks):
-            new = torch.empty((old.shape[0], 3, *hw), dtype=torch.uint8)
+            new = self._empty(old.shape[0], hw)
             for i in range(min(old.shape[0], self.count - c * self.CHUNK)):
                 new[i].copy_(resize_uint8(old[i], hw))
             self.chunks[c] = new  # the old chunk is freed here
         self.hw = hw
 
     def finish(self, hw: tuple[int, int]) -> torch.Tensor:
-        """The frames as one ``[T, 3, h, w]`` tensor at ``hw`` (or the held size, if that is smaller)."""
-        target = hw if area(hw) < area(self.hw) else self.hw
+        """The frames as one ``[T, 3, h, w]`` tensor: at decoded size when held so, else at ``hw`` (or the held
+        size, if that is smaller)."""
+        target = hw if self.bounded(*self.source_hw) and area(hw) < area(self.hw) else self.hw
         if len(self.chunks) == 1 and target == self.hw:
             frames = self.chunks[0][: self.count]
         else:
-            frames = torch.empty((self.count, 3, *target), dtype=torch.uint8)
+            frames = self._empty(self.count, target)
             for c, chunk in enumerate(self.chunks):
                 start = c * self.CHUNK
                 for i in range(min(chunk.shape[0], self.count - start)):
@@ -316,24 +343,26 @@ class _FrameStore:
         return frames
 
 
-Prepared = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]  # (uint8 [3, H, W], frame_features)
+Prepared = tuple[torch.Tensor, FrameFeatures | None]  # (uint8 [3, H, W] frame, its similarity features)
 
 
-def _prepare(frames: Iterator[torch.Tensor], slow_fast: bool, label: str) -> Iterator[Prepared]:
-    """The per-frame work that needs no other frame: size check, similarity resize, HSV patch features.
+def _chw_view(to_array: Callable[[], np.ndarray]) -> torch.Tensor:
+    """A decoded ``[H, W, 3]`` frame as a ``[3, H, W]`` view: the memory layout the original interpolates from,
+    so its rounding is reproduced."""
+    return torch.from_numpy(to_array()).permute(2, 0, 1)
 
-    Pulled lazily by ``_assemble`` on the tensor-work thread while the decode thread reads ahead (measured on 2
-    cores: giving the decoder a share of this work when it is ahead did not help beyond noise).
-    """
-    size: tuple[int, int] | None = None
-    sim_hw = (0, 0)
-    for k, frame in enumerate(frames):
-        hw = (int(frame.shape[1]), int(frame.shape[2]))
-        if size is None:
-            size, sim_hw = hw, similarity_size(*hw)
-        elif hw != size:
-            raise MediaError("mixed_sizes", f"frame {k} is {list(hw)}, frame 0 was {list(size)}", label)
-        yield frame, (frame_features(resize_uint8(frame, sim_hw)) if slow_fast else None)
+
+def _prepared_frames(frames: Iterator[Callable[[], torch.Tensor]], slow_fast: bool) -> Iterator[Prepared]:
+    """Frames read ahead on the decode thread; pixels fetched (RGB conversion), resized for similarity and turned
+    into HSV patch features here. Measured: the decoder is the bottleneck at 720p and 1080p, and handing it a
+    share of this work when it was ahead did not help."""
+    for load in read_ahead(frames):
+        frame = load()
+        if slow_fast:
+            sim_hw = similarity_size(int(frame.shape[1]), int(frame.shape[2]))
+            yield frame, frame_features(resize_uint8(frame, sim_hw))
+        else:
+            yield frame, None
 
 
 def _assemble(
@@ -348,9 +377,15 @@ def _assemble(
     """Type frames as they arrive, then fix the budget and return the clip."""
     selector = SlowFastSelector(options.min_frame_similarity) if options.slow_fast else None
     store = _FrameStore(len(indices), options)
-    for frame, features in prepared:
+    size: tuple[int, int] | None = None
+    for k, (frame, features) in enumerate(prepared):
+        hw = (int(frame.shape[1]), int(frame.shape[2]))
+        if size is None:
+            size = hw
+        elif hw != size:
+            raise MediaError("mixed_sizes", f"frame {k} is {list(hw)}, frame 0 was {list(size)}", label)
         if selector is not None:
-            selector.add(*features)
+            selector.add(features)
         store.add(frame, selector.num_slow if selector is not None else len(indices))
     if store.count == 0:
         raise MediaError("empty", "no frame decoded", label)
@@ -396,14 +431,15 @@ def _load_frame_list(paths: Sequence[str], options: VideoOptions) -> VideoClip:
         else None
     )
 
-    def frames() -> Iterator[torch.Tensor]:
+    def frames() -> Iterator[Callable[[], torch.Tensor]]:
         for i in indices:
             img = load_image(paths[i], options.min_pixels, options.max_pixels, resized)
-            yield torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+            # contiguous [3, H, W], as the original stacks its images (the resize rounds by memory layout)
+            yield partial(torch.Tensor.contiguous, torch.from_numpy(np.array(img)).permute(2, 0, 1))
 
     timestamps = [i / fps for i in indices] if options.fps is not None else []
     duration = len(paths) / fps if options.fps is not None else None
-    prepared = _prepare(read_ahead(frames()), options.slow_fast, label)
+    prepared = _prepared_frames(frames(), options.slow_fast)
     return run_single_threaded(_assemble, prepared, indices, None, timestamps, options, label, duration)
 
 
@@ -415,9 +451,8 @@ def load_video(source: VideoSource, options: VideoOptions | None = None) -> Vide
     label = _label(source)
     meta, decode = open_video(source, options)
     indices = sample_indices(meta.num_frames, meta.fps, options, label)
-    # HWC -> CHW view: the same memory layout the original interpolates, so its rounding is reproduced
-    frames = (torch.from_numpy(to_array()).permute(2, 0, 1) for _, to_array in read_ahead(decode(indices)))
-    prepared = _prepare(frames, options.slow_fast, label)
+    loads = (partial(_chw_view, to_array) for _, to_array in decode(indices))
+    prepared = _prepared_frames(loads, options.slow_fast)
     timestamps = [i / meta.fps for i in indices]
     duration = meta.num_frames / meta.fps
     return run_single_threaded(_assemble, prepared, indices, meta.fps, timestamps, options, label, duration)

@@ -61,7 +61,7 @@ def _solid(value: int, h: int = 720, w: int = 1280) -> torch.Tensor:
 def test_frame_store_shrinks_across_chunks_and_keeps_order():
     """150 frames over 3 chunks; the bound halves as frames turn slow; each frame keeps its own colour."""
     n = 150
-    options = VideoOptions(video_total_pixels=20000 * 784)
+    options = VideoOptions(video_total_pixels=20000 * 784, full_size_limit_mb=0)  # always bounded
     store = _FrameStore(n, options)
     held = []
     for i in range(n):

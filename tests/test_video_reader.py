@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +72,45 @@ def test_slow_fast_off_splits_budget_evenly(cuts):
 
 def test_budget_respected_and_memory_bounded(tmp_path):
     path = synthetic.static_video(tmp_path / "s.mp4", seconds=60, fps=2.5, height=720, width=1280)
-    clip = load_video(path, VideoOptions(video_total_pixels=6000 * 784))
+    # 120 frames at 720x1280 are 316 MiB, over the limit: frames are held at the slow size instead
+    clip = load_video(path, VideoOptions(video_total_pixels=6000 * 784, full_size_limit_mb=300))
     assert clip.num_frames == 120
     assert clip.visual_tokens() <= 6000 + tokens_for(*clip.slow_hw)  # the search may overshoot by < 1 slow step
-    # frames are held at the slow size, not at 720x1280
     assert tuple(clip.frames.shape[-2:]) == clip.slow_hw
     assert clip.frames.numel() < 120 * 3 * 720 * 1280 / 3
+    under = load_video(path, VideoOptions(video_total_pixels=6000 * 784, full_size_limit_mb=317))
+    assert tuple(under.frames.shape[-2:]) == (720, 1280)
+    assert (under.frame_types, under.slow_hw, under.fast_hw) == (clip.frame_types, clip.slow_hw, clip.fast_hw)
+    assert [p.shape for p in clip_pixels(under)] == [p.shape for p in clip_pixels(clip)]
+
+
+def test_short_clip_keeps_decoded_pixels(cuts):
+    """Under the memory limit frames come back exactly as decoded (the original's output), in its channels-last
+    layout, without a copy per chunk beyond the one store."""
+    clip = load_video(cuts)
+    decoded = torch.from_numpy(decode_frames(cuts, clip.frame_indices)).permute(0, 3, 1, 2)
+    assert torch.equal(clip.frames, decoded)
+    assert clip.frames.permute(0, 2, 3, 1).is_contiguous()
+    assert [tuple(p.shape[-2:]) for p in clip_pixels(clip)] == [clip.frame_hw(j) for j in range(clip.num_frames)]
+
+
+def _native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decoder_starts_no_threads_unless_asked(cuts, threads):
+    """PyAV's default (automatic slice threads) burns a core for nothing on one-slice H.264; 1 means none."""
+    from data_pipelines.video_reader import open_video
+
+    _, decode = open_video(cuts, VideoOptions(decode_threads=threads))
+    before = _native_threads()
+    frames = decode([0, 1, 2])
+    next(frames)
+    started = _native_threads() - before
+    frames.close()
+    assert started == 0 if threads == 1 else started >= 1
 
 
 def test_decord_backend_same_result(cuts):
