@@ -1,18 +1,19 @@
 """Pixels → flat ViT patches, in the row-major (t, h, w) order the vision tower expects.
 
 Images arrive already resized to multiples of 28 (``data_pipelines.image_reader.load_image``); video frames
-arrive at decoded size and are resized here, in one batched call per target size, to the slow or fast
-resolution chosen by the Slow-Fast selection.
+arrive at decoded size (or smaller, for long videos) and are resized here to the slow or fast resolution chosen by
+the Slow-Fast selection, before rescaling, as Hugging Face image processors do: uint8 antialiased bilinear
+(``data_pipelines.video_reader.clip_pixels``; ~12x cheaper than resizing float frames, measured).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from data_pipelines.media import FAST, VideoClip
+from data_pipelines.media import VideoClip
+from data_pipelines.video_reader import clip_pixels
 
 PATCH = 14
 IMAGE_MEAN = (0.5, 0.5, 0.5)  # SigLIP normalisation (Keye-VL Preview preprocessor_config)
@@ -40,27 +41,11 @@ def image_to_patches(image: Image.Image) -> tuple[torch.Tensor, list[int]]:
     return patchify(normalize(arr)[None]), [1, h // PATCH, w // PATCH]
 
 
-def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased resize of uint8 frames ``[T, 3, H, W]`` to ``size``; returns float in [0, 255]."""
-    if tuple(frames.shape[-2:]) == tuple(size):
-        return frames.float()
-    return F.interpolate(frames.float(), size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 255)
-
-
 def video_to_patches(clip: VideoClip) -> tuple[torch.Tensor, list[list[int]]]:
     """All frames of a clip → (patches in frame order, per-frame grids ``[1, h/14, w/14]``)."""
-    types = torch.tensor(clip.frame_types)
-    per_frame: list[torch.Tensor | None] = [None] * clip.num_frames
-    for kind, hw in ((0, clip.slow_hw), (FAST, clip.fast_hw)):
-        idx = (types == kind).nonzero().flatten()
-        if idx.numel() == 0:
-            continue
-        pixels = normalize_float(resize_frames(clip.frames[idx], hw))
-        patches = patchify(pixels).view(idx.numel(), -1, 3 * PATCH * PATCH)
-        for k, j in enumerate(idx.tolist()):
-            per_frame[j] = patches[k]
+    patches = [patchify(normalize(pixels[None])) for pixels in clip_pixels(clip)]
     grids = [[1, clip.frame_hw(j)[0] // PATCH, clip.frame_hw(j)[1] // PATCH] for j in range(clip.num_frames)]
-    return torch.cat(per_frame), grids
+    return torch.cat(patches), grids
 
 
 def normalize_float(pixels: torch.Tensor) -> torch.Tensor:
