@@ -69,11 +69,4 @@ def settings_for(cfg: EvalConfig, gen: GenerationConfig | None = None) -> Any:
     """Generation settings for any engine (custom engines receive the same ``GenerationSettings``)."""
     from keye.inference import GenerationSettings
 
-    g = gen or cfg.generation
-    return GenerationSettings(
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        repetition_penalty=g.repetition_penalty,
-    )
+    return GenerationSettings.from_config(gen or cfg.generation)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +27,13 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: object, **overrides) -> GenerationSettings:
+        """Settings from any config with same-named fields (eval's ``generation``, RL's ``rollout``); the rest of
+        the config (batch size, group size, …) is not a decoding setting and is ignored."""
+        values = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        return cls(**{**values, **overrides})
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}

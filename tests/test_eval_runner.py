@@ -193,3 +193,17 @@ def test_keye_eval_cli(tmp_path, capsys):
         ["eval", "--bench", "time", "--data", str(tmp_path), "--out", str(tmp_path / "o2"), "engine=nomodule:make"]
     )
     assert rc == 1 and "cannot import module 'nomodule'" in capsys.readouterr().err
+
+
+def test_generation_settings_come_from_eval_and_rollout_configs():
+    from eval.config import GenerationConfig
+    from eval.engine import settings_for
+    from keye.inference import GenerationSettings
+    from train.rl.config import RolloutConfig
+
+    cfg = from_dict(EvalConfig, {"generation": {"max_new_tokens": 7, "temperature": 0.5, "top_k": 3}}, "test")
+    assert settings_for(cfg) == GenerationSettings(max_new_tokens=7, temperature=0.5, top_p=1.0, top_k=3)
+    judge = GenerationConfig(max_new_tokens=9, repetition_penalty=1.1)
+    assert settings_for(cfg, judge) == GenerationSettings(max_new_tokens=9, top_k=1, repetition_penalty=1.1)
+    rollout = GenerationSettings.from_config(RolloutConfig(top_p=0.8), seed=5)
+    assert rollout == GenerationSettings(max_new_tokens=3072, temperature=1.0, top_p=0.8, top_k=50, seed=5)

@@ -157,15 +157,7 @@ class RolloutSampler:
         return out
 
     def _settings(self) -> GenerationSettings:
-        c = self.cfg
-        return GenerationSettings(
-            max_new_tokens=c.max_new_tokens,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            top_k=c.top_k,
-            repetition_penalty=c.repetition_penalty,
-            seed=self._next_seed(),
-        )
+        return GenerationSettings.from_config(self.cfg, seed=self._next_seed())
 
     def _sample_chat(self, conversations, records, indices: list[int], n: int, out, encoded=None) -> None:
         prompts = {
