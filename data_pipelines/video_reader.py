@@ -34,7 +34,7 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from .image_reader import load_image
-from .media import FAST, SLOW, MediaError, VideoClip, VideoOptions
+from .media import SLOW, MediaError, VideoClip, VideoOptions
 from .overlap import read_ahead, run_single_threaded
 from .slowfast import (
     FrameFeatures,
@@ -460,8 +460,4 @@ def load_video(source: VideoSource, options: VideoOptions | None = None) -> Vide
 
 def clip_pixels(clip: VideoClip) -> list[torch.Tensor]:
     """Each frame as uint8 ``[3, h, w]`` at its final slow or fast size (what the processor patchifies)."""
-    out = []
-    for j in range(clip.num_frames):
-        hw = clip.fast_hw if clip.frame_types[j] == FAST else clip.slow_hw
-        out.append(resize_uint8(clip.frames[j], hw))
-    return out
+    return [resize_uint8(clip.frames[j], clip.frame_hw(j)) for j in range(clip.num_frames)]

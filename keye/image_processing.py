@@ -22,7 +22,9 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., 3, H, W]`` → float32 rescaled by 1/255 and normalised with SigLIP mean/std."""
-    return normalize_float(pixels.float())
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
 
 
 def patchify(pixels: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
@@ -46,13 +48,6 @@ def video_to_patches(clip: VideoClip) -> tuple[torch.Tensor, list[list[int]]]:
     patches = [patchify(normalize(pixels[None])) for pixels in clip_pixels(clip)]
     grids = [[1, clip.frame_hw(j)[0] // PATCH, clip.frame_hw(j)[1] // PATCH] for j in range(clip.num_frames)]
     return torch.cat(patches), grids
-
-
-def normalize_float(pixels: torch.Tensor) -> torch.Tensor:
-    """Like :func:`normalize` for float pixels already in [0, 255]."""
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
-    return (pixels / 255.0 - mean) / std
 
 
 def merge_grids(grids: list[list[int]]) -> list[list[int]]:
