@@ -1,20 +1,26 @@
-# The two quickstart commands: `make demo` and `make test`. Each installs what it needs on first use.
+# The two quickstart commands: `make demo` and `make test`. Each installs what it needs on first use, from the lock.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keye-installed
+LOCK := requirements/lock.txt
+FLOOR_LOCK := requirements/floor.txt
+export PY
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format clean
+# What the floor and newest-release runs test: everything that touches torch/transformers APIs directly (model,
+# processor + the original's reference, checkpoints, generation, the Thyme loop on a real model, build locks).
+COMPAT_TESTS := tests/test_compat.py tests/test_model.py tests/test_attention_rope_loss.py tests/test_processor.py \
+	tests/test_video_reference.py tests/test_checkpoint.py tests/test_merge.py tests/test_tool_loop_model.py \
+	tests/test_extension_locks.py
 
-$(STAMP): setup.py tools/install_system_deps.sh
+.PHONY: install demo test lint format lock test-floor test-newest clean
+
+# A change to the lock or to setup.py rebuilds the environment from scratch (tools/make_env.sh).
+$(STAMP): setup.py $(LOCK) tools/make_env.sh tools/install_system_deps.sh
 	bash tools/install_system_deps.sh
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch and torchvision come from local wheels on these machines; a looser pin downloads GBs.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[dev,demo]"
+	bash tools/make_env.sh $(VENV) $(LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,5 +39,20 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# Regenerate requirements/lock.txt and requirements/floor.txt (uv, against requirements/pins.txt); then run
+# `make test test-floor test-newest` and commit the lock with the code it was tested with.
+lock:
+	bash tools/lock.sh
+
+# The range's floor (every direct dependency at its lowest allowed version) in a throwaway environment.
+test-floor:
+	bash tools/make_env.sh .venv-floor $(FLOOR_LOCK)
+	.venv-floor/bin/python -m pytest -q $(COMPAT_TESTS); status=$$?; rm -rf .venv-floor; exit $$status
+
+# The newest releases setup.py admits, unlocked, in a throwaway environment.
+test-newest:
+	bash tools/make_env.sh .venv-newest --newest
+	.venv-newest/bin/python -m pytest -q $(COMPAT_TESTS); status=$$?; rm -rf .venv-newest; exit $$status
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-floor .venv-newest demo_out .pytest_cache .ruff_cache

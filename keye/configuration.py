@@ -58,7 +58,7 @@ class KeyeVLConfig(PreTrainedConfig):
 
     model_type = "keye_vl_1_5"
     sub_configs = {"vision_config": KeyeVisionConfig, "text_config": Qwen3Config}
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None

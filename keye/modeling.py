@@ -16,9 +16,10 @@ from transformers import GenerationMixin, PreTrainedModel, Qwen3Config, Qwen3Mod
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from keye.attention import ATTN_IMPLEMENTATION, register_with_transformers
+from keye.compat import cache_kwarg, output_cache, take_cache
 from keye.configuration import KeyeVLConfig
 from keye.loss import chunked_cross_entropy
 from keye.rope import MultimodalRotaryEmbedding, VisionRotaryEmbedding, multimodal_position_ids, split_frames
@@ -53,7 +54,7 @@ class KeyeTextModel(Qwen3Model):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
@@ -66,6 +67,7 @@ class KeyeTextModel(Qwen3Model):
         ``sp_group``: the inputs are this rank's slice of one packed row (``cu_seqlens`` is the whole row's) and
         attention runs Ulysses-style over the group (``keye.sequence_parallel``).
         """
+        cache = take_cache(cache, kwargs)
         if sp_group is not None:  # --- Ulysses sequence parallelism ---
             if cu_seqlens is None or position_ids is None:
                 raise ValueError("sequence-parallel inputs need the row's cu_seqlens and the slice's position_ids")
@@ -74,11 +76,11 @@ class KeyeTextModel(Qwen3Model):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         bsz, length = inputs_embeds.shape[:2]
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(bsz, -1)
         if position_ids.ndim == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
@@ -99,7 +101,7 @@ class KeyeTextModel(Qwen3Model):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                **cache_kwarg(cache),
             )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden = inputs_embeds
@@ -109,22 +111,22 @@ class KeyeTextModel(Qwen3Model):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids[0],
-                past_key_values=past_key_values,
+                **cache_kwarg(cache),
                 use_cache=use_cache,
                 keye_attn_backend=attn_backend,
                 **kwargs,
             )
         hidden = self.norm(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_kwarg(cache if use_cache else None))
 
 
 @dataclass
-class KeyeVLOutput(ModelOutput):
-    """Loss (mean over label tokens, or sum / ``num_items_in_batch``), logits, cache and rope deltas."""
+class KeyeVLOutput(CausalLMOutputWithPast):
+    """Loss (mean over label tokens, or sum / ``num_items_in_batch``), logits, KV cache and rope deltas.
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    The cache field is transformers' own (``cache``, or ``past_key_values`` before 5.24; see ``keye.compat``).
+    """
+
     rope_deltas: torch.LongTensor | None = None
     num_label_tokens: torch.LongTensor | None = None
 
@@ -135,7 +137,7 @@ class KeyeVLPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen3DecoderLayer", "KeyeVisionLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -294,8 +296,8 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         )
         return positions
 
-    def _positions(self, input_ids, inputs_embeds, attention_mask, past_key_values, image_grid_thw, video_grid_thw):
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    def _positions(self, input_ids, inputs_embeds, attention_mask, cache, image_grid_thw, video_grid_thw):
+        past = cache.get_seq_length() if cache is not None else 0
         if past == 0 and input_ids is not None:
             positions, self.rope_deltas = self.get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask)
             return positions
@@ -311,7 +313,7 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
@@ -341,6 +343,7 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         ``position_ids`` and ``shift_labels`` are this rank's slice of one packed row; visual inputs and
         ``cu_seqlens`` are the whole row's. The loss is the row's (summed over the SP group).
         """
+        cache = take_cache(cache, kwargs)
         sp = sequence_parallel
         if sp is not None and labels is not None:
             raise ValueError("sequence-parallel inputs carry shift_labels (shifted on the full row), not labels")
@@ -356,13 +359,13 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
             if cu_seqlens is not None:
                 raise ValueError("packed inputs (cu_seqlens) need position_ids from the packer")
             position_ids = self._positions(
-                input_ids, inputs_embeds, attention_mask, past_key_values, image_grid_thw, video_grid_thw
+                input_ids, inputs_embeds, attention_mask, cache, image_grid_thw, video_grid_thw
             )
         out = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             cu_seqlens=cu_seqlens,
             attn_backend=self.config.attn_backend,
@@ -388,7 +391,7 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         return KeyeVLOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            **cache_kwarg(output_cache(out)),
             rope_deltas=self.rope_deltas,
             num_label_tokens=n_label,
         )

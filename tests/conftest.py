@@ -1,13 +1,23 @@
-"""Shared fixtures: offline hub, deterministic seeds, GPU marker handling."""
+"""Shared fixtures: offline hub, deterministic seeds, GPU marker handling, a private torch extensions folder."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# JIT-built ops (DeepSpeed's CPU allreduce) go to a folder of this session's own, inherited by the runs it starts:
+# no build shared with other sessions or with another torch version.
+_EXTENSIONS_DIR = tempfile.mkdtemp(prefix="keye-test-torch-ext-")
+os.environ["TORCH_EXTENSIONS_DIR"] = _EXTENSIONS_DIR
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_EXTENSIONS_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines.packing import pack_row  # noqa: E402
 from keye.attention import varlen_attention  # noqa: E402
+from keye.compat import enable_activation_checkpointing  # noqa: E402
 from keye.modeling import KeyeVLForConditionalGeneration  # noqa: E402
 from keye.processing import KeyeVLProcessor  # noqa: E402
 from keye.rope import split_frames  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> int:
     ref_grads = grads(model)
 
     shard = shard_packed_batch(batch, rank, sp)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     out = model(**shard.model_inputs())  # the SP group init_sequence_parallel made
     out.loss.backward()
     sp_grads = grads(model)

@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from data_pipelines.packing import pack_row  # noqa: E402
 from keye.attention import resolve_backend  # noqa: E402
+from keye.compat import enable_activation_checkpointing  # noqa: E402
 from keye.configuration import KeyeVLConfig, load_model_config  # noqa: E402
 from keye.encoded import IGNORE_INDEX, EncodedSample, PackedBatch  # noqa: E402
 from keye.loss import shift_labels  # noqa: E402
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         model = KeyeVLForConditionalGeneration(cfg)
     model = model.to(dtype).train()
     if not args.no_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     backend = resolve_backend(args.attn, device, dtype)
     for seq in args.seq:

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from keye.compat import enable_activation_checkpointing
 from train.config import TrainConfig, resolve_path
+from train.extension_locks import build_lock_guard
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,10 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistIn
     if cuda:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False
-        )
+        with build_lock_guard():  # DeepSpeed JIT-builds its CPU allreduce op here; never wait on a dead build
+            deepspeed.init_distributed(
+                dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False
+            )
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
 
@@ -151,7 +154,7 @@ def set_activation_checkpointing(model: torch.nn.Module, vit: bool, llm: bool) -
     """Recompute activations of ViT layers and/or LLM decoder layers in the backward pass."""
     if not (vit or llm):
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     for prefix, keep in (("visual.", vit), ("model.", llm)):
         if keep:
             continue

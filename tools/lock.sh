@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Regenerate the lock files (`make lock`) with uv, against the torch pin in requirements/pins.txt:
+#   requirements/lock.txt   what `make demo` / `make test` / CI install: the newest releases setup.py admits
+#   requirements/floor.txt  every direct dependency at the lowest version setup.py admits (CI's floor run)
+# Both are universal (markers for other platforms) for Python >= 3.11 and carry hashes. After regenerating, run the
+# whole suite (`make test test-floor`) before committing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+UV_VERSION=0.13.9
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python3 -m venv "$tmp/venv"
+"$tmp/venv/bin/pip" install --quiet --disable-pip-version-check "uv==$UV_VERSION"
+compile=("$tmp/venv/bin/uv" pip compile setup.py --extra dev --extra demo --universal --fork-strategy fewest
+  --python-version 3.11 --generate-hashes --upgrade --custom-compile-command "make lock")
+"${compile[@]}" --constraint requirements/pins.txt -o requirements/lock.txt
+"${compile[@]}" --resolution lowest-direct -o requirements/floor.txt
+grep -E '^(torch|torchvision|transformers|deepspeed)==' requirements/lock.txt requirements/floor.txt
