@@ -11,11 +11,12 @@ export TOKENIZERS_PARALLELISM := false
 
 # What the floor and newest-release runs test: everything that touches torch/transformers APIs directly (model,
 # processor + the original's reference, checkpoints, generation, the Thyme loop on a real model, build locks).
+# The GPU tests run too, on the CPU (KEYE_GPU_DRY_RUN=1): the floor is the GPU machine's torch and transformers.
 COMPAT_TESTS := tests/test_compat.py tests/test_model.py tests/test_attention_rope_loss.py tests/test_processor.py \
 	tests/test_video_reference.py tests/test_checkpoint.py tests/test_merge.py tests/test_tool_loop_model.py \
-	tests/test_extension_locks.py
+	tests/test_extension_locks.py tests/test_gpu.py
 
-.PHONY: install demo test lint format lock test-floor test-newest clean
+.PHONY: install demo test lint format lock test-floor test-newest gpu-wheels gpu-check-dry-run clean
 
 # A change to the lock or to setup.py rebuilds the environment from scratch (tools/make_env.sh).
 $(STAMP): setup.py $(LOCK) tools/make_env.sh tools/install_system_deps.sh
@@ -47,12 +48,19 @@ lock:
 # The range's floor (every direct dependency at its lowest allowed version) in a throwaway environment.
 test-floor:
 	bash tools/make_env.sh .venv-floor $(FLOOR_LOCK)
-	.venv-floor/bin/python -m pytest -q $(COMPAT_TESTS); status=$$?; rm -rf .venv-floor; exit $$status
+	KEYE_GPU_DRY_RUN=1 .venv-floor/bin/python -m pytest -q $(COMPAT_TESTS); status=$$?; rm -rf .venv-floor; exit $$status
 
 # The newest releases setup.py admits, unlocked, in a throwaway environment.
 test-newest:
 	bash tools/make_env.sh .venv-newest --newest
-	.venv-newest/bin/python -m pytest -q $(COMPAT_TESTS); status=$$?; rm -rf .venv-newest; exit $$status
+	KEYE_GPU_DRY_RUN=1 .venv-newest/bin/python -m pytest -q $(COMPAT_TESTS); status=$$?; rm -rf .venv-newest; exit $$status
+
+# The GPU session's wheels (.whl/, carried to the device machine) and the GPU check's dry run on this CPU.
+gpu-wheels: $(STAMP)
+	$(BIN)/python tools/gpu_wheels.py
+
+gpu-check-dry-run: $(STAMP)
+	bash tools/gpu_check.sh --dry-run --strict --out /tmp/keye_gpu_check/out --work /tmp/keye_gpu_check/work
 
 clean:
-	rm -rf $(VENV) .venv-floor .venv-newest demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-floor .venv-newest .whl demo_out .pytest_cache .ruff_cache

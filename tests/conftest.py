@@ -20,13 +20,23 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_EXTENSIONS_DIR, ignore_errors=True)
 
 
+# tools/gpu_check.sh --dry-run runs the GPU tests on the CPU (tiny sizes) so that they cannot rot between GPU sessions.
+GPU_DRY_RUN = os.environ.get("KEYE_GPU_DRY_RUN") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or GPU_DRY_RUN:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def gpu() -> torch.device:
+    """The device of the ``gpu``-marked tests: CUDA, or the CPU in a GPU-check dry run."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)

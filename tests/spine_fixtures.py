@@ -9,23 +9,30 @@ from data_pipelines.media import VideoClip
 from keye.configuration import KeyeVLConfig
 
 
-def micro_config(**overrides) -> KeyeVLConfig:
-    """Smaller than configs/model/tiny.yaml in width and depth (same tokenizer-sized vocabulary)."""
+def micro_config(text: dict | None = None, vision: dict | None = None, **overrides) -> KeyeVLConfig:
+    """Smaller than configs/model/tiny.yaml in width and depth (same tokenizer-sized vocabulary).
+
+    ``text`` / ``vision`` change single fields of the text / vision config; ``overrides`` replace top-level ones.
+    """
     cfg = dict(
         text_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            vocab_size=151936,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-            pad_token_id=151643,
-            eos_token_id=[151645, 151643],
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                vocab_size=151936,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                pad_token_id=151643,
+                eos_token_id=[151645, 151643],
+            ),
+            **(text or {}),
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=112
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=112),
+            **(vision or {}),
         ),
         attn_backend="sdpa",
     )

@@ -212,7 +212,7 @@ def env() -> dict[str, str]:
         WANDB_MODE="disabled",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         e.pop(k, None)

@@ -122,6 +122,9 @@ class DistributedConfig:
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
     sequence_parallel_size: int = 1
     timeout_minutes: int = 30
+    # Bit-reproducible GPU kernels (torch.use_deterministic_algorithms): slower; an op without a deterministic
+    # kernel then raises and names itself. CPU runs are deterministic either way.
+    deterministic: bool = False
 
 
 @dataclass

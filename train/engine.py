@@ -37,7 +37,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+def init_distributed(backend: str = "auto", timeout_minutes: int = 30, deterministic: bool = False) -> DistInfo:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``…); a plain
     ``keye train`` is a group of one on a free local port."""
     import deepspeed
@@ -48,6 +48,15 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistIn
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"LOCAL_RANK {local_rank} needs GPU {local_rank} but {torch.cuda.device_count()} are visible: start at "
+            "most one process per GPU (torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) for CPU"
+        )
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts: required by the flag
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

@@ -149,7 +149,7 @@ class StopFlag:
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by ``cfg``; returns a summary on every rank."""
-    info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes)
+    info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes, cfg.distributed.deterministic)
     rank, world, device = info.rank, info.world, info.device
     sp = init_sequence_parallel(cfg.distributed.sequence_parallel_size)
     precision = resolve_precision(cfg, device)

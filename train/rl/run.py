@@ -280,7 +280,7 @@ def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
     missing = [p for p in cfg.rl.prompts if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"rl.prompts: prompt file {missing[0]!r} not found (of {cfg.rl.prompts})")
-    info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes)
+    info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes, cfg.distributed.deterministic)
     rank, world, device = info.rank, info.world, info.device
     if cfg.rl.prompts_per_step % world:
         raise ValueError(
