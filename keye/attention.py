@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
 
 import torch
 import torch.nn.functional as F
 
+from keye.compat import torch_varlen_kwargs
 from keye.sequence_parallel import ulysses_attention
 
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
@@ -88,18 +88,12 @@ def _sdpa_block_diagonal(
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     fn = _torch_varlen_func()
-    params = inspect.signature(fn).parameters
-    if k.shape[1] != q.shape[1] and "enable_gqa" not in params:
+    gqa = k.shape[1] != q.shape[1]
+    kwargs = torch_varlen_kwargs(fn, causal, gqa)
+    if gqa and "enable_gqa" not in kwargs:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    kwargs = {"scale": scale}
-    if "is_causal" in params:  # torch <= 2.12
-        kwargs["is_causal"] = causal
-    elif causal:
-        kwargs["window_size"] = (-1, 0)
-    if "enable_gqa" in params and k.shape[1] != q.shape[1]:
-        kwargs["enable_gqa"] = True
-    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **kwargs)
 
 
 def varlen_attention(

@@ -6,12 +6,13 @@ transformers 5.24 renamed the KV cache's argument and output field from ``past_k
 the outputs handed back to it go through these helpers, so no version test is scattered through the code. The
 test ``tests/test_compat.py`` runs in CI on the floor and on the newest releases.
 
-torch before 2.14 guards a JIT extension build with a ``lock`` file whose existence blocks (a killed build leaves it
+``torch.nn.attention.varlen.varlen_attn`` takes ``enable_gqa`` in 2.14 but not in 2.11 (``torch_varlen_kwargs``). torch before 2.14 guards a JIT extension build with a ``lock`` file whose existence blocks (a killed build leaves it
 behind); 2.14 holds an OS lock on it instead (``train.extension_locks`` clears the first kind).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers.cache_utils import Cache
@@ -62,3 +63,14 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def torch_varlen_kwargs(varlen_attn: Any, causal: bool, gqa: bool) -> dict[str, Any]:
+    """Keyword arguments that make this torch's ``varlen_attn`` causal and grouped-query, as asked.
+
+    Without ``enable_gqa`` in the result the caller must repeat k/v heads to the query heads itself.
+    """
+    kwargs: dict[str, Any] = {"window_size": (-1, 0)} if causal else {}
+    if gqa and "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        kwargs["enable_gqa"] = True
+    return kwargs

@@ -6,6 +6,8 @@ CI runs this file on the locked set, on the range's floor and on the newest rele
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache
@@ -18,6 +20,7 @@ from keye.compat import (
     enable_activation_checkpointing,
     output_cache,
     take_cache,
+    torch_varlen_kwargs,
 )
 from keye.modeling import KeyeVLForConditionalGeneration, KeyeVLOutput
 from tests.spine_fixtures import micro_config
@@ -98,3 +101,19 @@ def test_activation_checkpointing_recomputes_without_deprecation_warnings():
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torch_varlen_kwargs_follow_the_signature_of_this_torch():
+    def torch_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        pass
+
+    def torch_2_14(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        pass
+
+    assert torch_varlen_kwargs(torch_2_11, causal=True, gqa=True) == {"window_size": (-1, 0)}  # caller repeats k/v
+    assert torch_varlen_kwargs(torch_2_14, causal=True, gqa=True) == {"window_size": (-1, 0), "enable_gqa": True}
+    assert torch_varlen_kwargs(torch_2_14, causal=False, gqa=False) == {}
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters  # this torch's real function takes what we pass
+    assert all(name in params for name in torch_varlen_kwargs(varlen_attn, causal=True, gqa=True))
