@@ -56,8 +56,9 @@ test-newest:
 	KEYE_GPU_DRY_RUN=1 .venv-newest/bin/python -m pytest -q $(COMPAT_TESTS); status=$$?; rm -rf .venv-newest; exit $$status
 
 # The GPU session's wheels (.whl/, carried to the device machine) and the GPU check's dry run on this CPU.
+ANCHORS ?= ../shared/anchors
 gpu-wheels: $(STAMP)
-	$(BIN)/python tools/gpu_wheels.py
+	$(BIN)/python tools/gpu_wheels.py --anchors $(ANCHORS)
 
 gpu-check-dry-run: $(STAMP)
 	bash tools/gpu_check.sh --dry-run --strict --out /tmp/keye_gpu_check/out --work /tmp/keye_gpu_check/work

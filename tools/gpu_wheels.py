@@ -394,7 +394,7 @@ def remove_stale(out: Path, keep: set[Path]) -> list[str]:
 def copy_anchors(anchors: Path, out: Path) -> list[Path]:
     """Mirror ``anchors/*.py`` into ``<out>/anchors/``."""
     if not anchors.is_dir():
-        raise ToolError(f"anchor folder {anchors} is missing (pass --anchors DIR)")
+        raise ToolError(f"anchor folder {anchors} is missing (pass --anchors DIR, or make gpu-wheels ANCHORS=DIR)")
     sources = sorted(anchors.glob("*.py"))
     if not sources:
         raise ToolError(f"anchor folder {anchors} holds no *.py scripts")
