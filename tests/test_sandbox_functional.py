@@ -83,7 +83,7 @@ def test_cli_json_contract(tmp_path, image):
     proc = subprocess.run([*cmd, "--out-dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert list(data) == ["status", "stdout", "error", "images"]
+    assert list(data) == ["status", "stdout", "error", "images", "truncated"]
     assert data["status"] == "ok" and data["stdout"] == "(320, 240)\n"
 
 

@@ -344,7 +344,8 @@ class SandboxSession:
         images, notes = self._save_images(reply.get("images") or [], out_dir)
         if notes:
             stdout = (stdout + "\n" if stdout else "") + "\n".join(notes)
-        return SandboxResult(status, stdout, str(reply.get("error", ""))[:2000], images, repairs)
+        error = str(reply.get("error", ""))[:2000]
+        return SandboxResult(status, stdout, error, images, repairs, truncated=bool(reply.get("truncated")))
 
     def _save_images(self, items: list, out_dir: str | None) -> tuple[list[str], list[str]]:
         """Validate each returned image (format, pixels, aspect) from its header, then write it to ``out_dir``."""

@@ -12,6 +12,7 @@ of stdin/stdout; fds 0-2 are pointed at /dev/null so that stray C-level output c
 from __future__ import annotations
 
 import base64
+import codecs
 import io
 import json
 import os
@@ -72,11 +73,42 @@ class _CpuLimit(BaseException):
     """Raised by SIGXCPU when a block uses up its CPU seconds."""
 
 
+class _BytesToText(io.RawIOBase):
+    """``sys.stdout.buffer`` of the sandbox: bytes are decoded as UTF-8 (bad bytes become U+FFFD) into the text sink."""
+
+    def __init__(self, text: BoundedWriter) -> None:
+        self.text = text
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        data = bytes(b)
+        self.text.write(self.decoder.decode(data))
+        return len(data)
+
+    def flush(self) -> None:
+        self.text.write(self.decoder.decode(b"", final=True))
+
+
 class BoundedWriter(io.TextIOBase):
-    """A text sink keeping the first ``limit`` characters and counting the rest, so a 1 GB print costs nothing."""
+    """A text sink keeping the first ``limit`` characters and counting the rest, so a 1 GB print costs nothing.
+
+    Like a real ``sys.stdout`` it has a binary ``buffer`` (code that writes bytes works).
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit, self.parts, self.kept, self.dropped = limit, [], 0, 0
+        self.buffer = _BytesToText(self)
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:
+        return "replace"
 
     def writable(self) -> bool:
         return True
@@ -91,7 +123,12 @@ class BoundedWriter(io.TextIOBase):
         self.dropped += max(0, len(s) - max(room, 0))
         return len(s)
 
+    @property
+    def truncated(self) -> bool:
+        return self.dropped > 0
+
     def getvalue(self) -> str:
+        self.buffer.flush()
         text = "".join(self.parts)
         if self.dropped:
             text += f"\n[... output truncated: {self.dropped} more characters]"
@@ -293,7 +330,14 @@ def run_block(req: dict, ns: dict, cfg: dict, main_pid: int) -> dict:
                 images.append({"name": os.path.basename(path), "data": base64.b64encode(fh.read()).decode()})
         except OSError:
             continue
-    return {"op": "result", "status": status, "stdout": stdout, "error": error, "images": images}
+    return {
+        "op": "result",
+        "status": status,
+        "stdout": stdout,
+        "error": error,
+        "images": images,
+        "truncated": out.truncated,
+    }
 
 
 def main() -> int:
