@@ -25,6 +25,7 @@ from eval.engine import load_engine, settings_for
 from eval.judge import make_judge
 from eval.records import write_json, write_jsonl
 from eval.report import aggregate, markdown_report
+from keye.jsonl import open_append
 from keye.typed_config import ConfigError, to_dict
 
 PREDICTIONS = "predictions.jsonl"
@@ -152,7 +153,7 @@ def generate_shard(
 
         bar = tqdm(total=len(todo), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
     bs = max(1, cfg.generation.batch_size)
-    with pred_path.open("a", encoding="utf-8") as fh:
+    with open_append(pred_path) as fh:
         for start in range(0, len(todo), bs):
             batch = todo[start : start + bs]
             convs = [benches[s.bench].conversation(s, cfg) for s in batch]

@@ -207,3 +207,23 @@ def test_generation_settings_come_from_eval_and_rollout_configs():
     assert settings_for(cfg, judge) == GenerationSettings(max_new_tokens=9, top_k=1, repetition_penalty=1.1)
     rollout = GenerationSettings.from_config(RolloutConfig(top_p=0.8), seed=5)
     assert rollout == GenerationSettings(max_new_tokens=3072, temperature=1.0, top_p=0.8, top_k=50, seed=5)
+
+
+def test_a_torn_last_line_then_a_second_kill_loses_nothing(tmp_path):
+    """A kill mid-write leaves a fragment; the rerun must not glue its first record onto it (and lose it) even when
+    it is killed in turn."""
+    data = make_data(tmp_path)
+    out = tmp_path / "out"
+    extra = ["data_paths.kc_mmbench=" + str(data / "kc")]
+    run = [sys.executable, *eval_cmd(data, out, *extra)]
+    kill_after_4 = env(EVAL_FAKE_KILL_AFTER="4")
+    subprocess.run(run, cwd=REPO, env=kill_after_4, capture_output=True, text=True, timeout=120)
+    with (out / "predictions.jsonl").open("a") as fh:
+        fh.write('{"bench": "time", "id": "s02", "resp')  # the kill came mid-line
+    again = subprocess.run(run, cwd=REPO, env=kill_after_4, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["s00", "s01", "s02", "s03"]
+    done = subprocess.run(run, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "results.json").read_text())["timing"]["new_samples"] == 12 - 4

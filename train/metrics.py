@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from keye.jsonl import open_append
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class MetricLogger:
             return
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.file = (out / "metrics.jsonl").open("a")
+        self.file = open_append(out / "metrics.jsonl")
         if cfg.logging.progress:
             from tqdm.auto import tqdm
 
