@@ -7,6 +7,8 @@ so a run killed mid-save resumes from the previous one. Only the newest ``keep_l
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import random
@@ -72,6 +74,44 @@ def export_hf(engine: Any, processor: Any, out: str | Path, rank: int) -> None:
         os.replace(tmp, out)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, quota, I/O error); the message is one line."""
+
+
+def remove_incomplete(root: str | Path) -> list[Path]:
+    """Delete the ``step_*`` directories under ``root`` that lack their ``COMPLETE`` marker (saves that died
+    midway: they would never be resumed, only fill the disk); a complete checkpoint is never touched."""
+    root = Path(root)
+    removed = []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if TAG.match(d.name) and d.is_dir() and not (d / COMPLETE).is_file():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe_failed_save(ckpt: Path, exc: BaseException) -> str:
+    """One line: what failed, where, the space left there and what the last complete checkpoint took."""
+    if getattr(exc, "errno", None) == errno.ENOSPC:
+        reason = "no space left on device"
+    else:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    line = f"writing checkpoint {ckpt} failed ({reason[:200]})"
+    with contextlib.suppress(OSError):
+        line += f"; {shutil.disk_usage(ckpt.parent).free / 1e6:.0f} MB free on its filesystem"
+    previous = complete_checkpoints(ckpt.parent)
+    if previous:
+        line += (
+            f", the last complete checkpoint ({previous[-1][1].name}) takes {_dir_bytes(previous[-1][1]) / 1e6:.0f} MB"
+        )
+    return line + "; free space or set output_dir elsewhere, then rerun (it resumes from the last complete checkpoint)"
+
+
 def _write_marker(path: Path) -> None:
     with open(path, "w") as fh:
         fh.write("ok\n")
@@ -94,13 +134,23 @@ def save_checkpoint(
     root = Path(root)
     tag = tag_for(step)
     ckpt = root / tag
-    if rank == 0 and (ckpt / COMPLETE).exists():
-        (ckpt / COMPLETE).unlink()  # being rewritten (a resumed run passing an old step again)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    (ckpt / "train_state").mkdir(parents=True, exist_ok=True)
-    torch.save(rank_state, ckpt / "train_state" / f"rank_{rank:05d}.pt")
-    if export:
-        export_hf(engine, processor, ckpt / "hf", rank)
+    if rank == 0:
+        if (ckpt / COMPLETE).exists():
+            (ckpt / COMPLETE).unlink()  # being rewritten (a resumed run passing an old step again)
+        for d in remove_incomplete(root):
+            log.warning("removed %s: a checkpoint whose save did not finish", d)
+    dist.barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+        (ckpt / "train_state").mkdir(parents=True, exist_ok=True)
+        torch.save(rank_state, ckpt / "train_state" / f"rank_{rank:05d}.pt")
+        if export:
+            export_hf(engine, processor, ckpt / "hf", rank)
+    except Exception as exc:  # noqa: BLE001 - any failure to write becomes one line, and the partial save goes
+        message = describe_failed_save(ckpt, exc)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(ckpt / "hf.tmp", ignore_errors=True)
+        raise CheckpointWriteError(message) from exc
     dist.barrier()
     if rank == 0:
         config_saver(ckpt / "config.yaml")
