@@ -49,6 +49,8 @@ class DataConfig:
     image_max_pixels: int | None = None
     video: dict[str, Any] = field(default_factory=dict)  # VideoOptions overrides (fps, max_frames, …)
     num_workers: int = 0  # dataloader processes decoding media; their states are checkpointed per worker
+    # Stop with the top skip reasons when this many records in a row give no usable sample (0: never stop).
+    max_rejected_in_a_row: int = 10000
     # Drop records whose response breaks the grammar of their SFT mode (train.sft_mix.filter_by_mode, mode from
     # the record's ``source``), counted per reason. SFT run configs set it; pretraining data has no SFT modes.
     check_modes: bool = False

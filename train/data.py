@@ -142,6 +142,68 @@ def _skip_stats(state: Any, into: Counter) -> None:
             _skip_stats(v, into)
 
 
+class NoUsableData(RuntimeError):
+    """A long stretch of records gave no usable sample: the run cannot make progress (one line, with reasons)."""
+
+    def __init__(self, message: str) -> None:
+        lines = [line for line in message.strip().splitlines() if line.strip()]
+        if len(lines) > 1:  # re-raised from a dataloader worker: the message is its traceback, ours is the last line
+            message = lines[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+class ProgressGuard:
+    """Counts records read since the last usable sample; past ``limit`` (``data.max_rejected_in_a_row``) the data
+    can feed no step, so instead of spinning over repeating shards the run stops, naming the top skip reasons of
+    the stages in ``watch`` (their state dicts' skip counters)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.since_used = limit, 0
+        self.watch: Any = None
+
+    def read(self) -> None:
+        self.since_used += 1
+        if self.limit and self.since_used > self.limit:
+            raise NoUsableData(self.message())
+
+    def used(self) -> None:
+        self.since_used = 0
+
+    def message(self) -> str:
+        counts: Counter = Counter()
+        if self.watch is not None:
+            _skip_stats(self.watch.state_dict(), counts)
+        top = "; ".join(f"{reason}: {n}" for reason, n in counts.most_common(3)) or "no skip reason was recorded"
+        return (
+            f"{self.limit} records in a row gave no usable sample (data.max_rejected_in_a_row), so training cannot "
+            f"make progress; top reasons: {top}"
+        )
+
+
+class Tap(IterableDataset):
+    """A stateful stream passed through unchanged, calling ``hook()`` for every item (its state is the stream's)."""
+
+    def __init__(self, stream: Iterable, hook: Callable[[], None]) -> None:
+        self.stream, self.hook = stream, hook
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.stream:
+            self.hook()
+            yield item
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)  # type: ignore[attr-defined]
+
+
+def guarded(samples: Iterable, guard: ProgressGuard) -> Tap:
+    """``samples`` (the last stage that can drop records) reporting each usable sample to ``guard``."""
+    guard.watch = samples
+    return Tap(samples, guard.used)
+
+
 class RecordFilter(IterableDataset):
     """Drops ``(record, media)`` samples for which ``reject(record)`` gives a reason, before any media is decoded;
     the drops are counted per reason as ``skipped_<name>/<reason>`` in its (checkpointed) stats."""
@@ -174,11 +236,13 @@ def mode_rejection(record: dict) -> str | None:
     return filter_by_mode(record)
 
 
-def record_stream(cfg: DataConfig, seed: int, rank: int, world: int) -> IterableDataset:
-    """This data-parallel rank's ``(record, media)`` stream: mixed shard sources, mode-checked when configured."""
+def record_stream(cfg: DataConfig, seed: int, rank: int, world: int, guard: ProgressGuard) -> IterableDataset:
+    """This data-parallel rank's ``(record, media)`` stream: mixed shard sources, mode-checked when configured;
+    every record read counts towards ``guard``."""
     sources = [SourceSpec(s.name, [resolve_path(p) for p in s.shards], s.weight) for s in cfg.sources]
-    stream: IterableDataset = ShardStream(
-        sources, seed, cfg.shuffle_buffer, cfg.shuffle, cfg.epochs, rank=rank, world_size=world
+    stream: IterableDataset = Tap(
+        ShardStream(sources, seed, cfg.shuffle_buffer, cfg.shuffle, cfg.epochs, rank=rank, world_size=world),
+        guard.read,
     )
     if cfg.check_modes:
         stream = RecordFilter(stream, mode_rejection, "mode")
@@ -273,10 +337,11 @@ class TrainData(StreamData):
     def __init__(
         self, cfg: DataConfig, processor: KeyeVLProcessor, seed: int, rank: int, world: int, micro_batch_rows: int = 1
     ) -> None:
-        records = record_stream(cfg, seed, rank, world)
-        self.mapped = MappedStream(records, make_encoder(processor, cfg.mode), errors=(ValueError, OSError))
+        guard = ProgressGuard(cfg.max_rejected_in_a_row)
+        records = record_stream(cfg, seed, rank, world, guard)
+        mapped = MappedStream(records, make_encoder(processor, cfg.mode), errors=(ValueError, OSError))
         self.packer = Packer(
-            self.mapped,
+            guarded(mapped, guard),
             cfg.max_seq_len,
             truncate=cfg.truncate,
             lookahead=cfg.lookahead,

@@ -14,10 +14,11 @@ divided by sp.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,11 +129,21 @@ def siglip_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, wo
     )
 
 
+class StopRequested(Exception):
+    """Raised out of a wait for data when a stop signal arrives (``StopFlag.waiting``)."""
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the ranks agree on it at the next step so they all checkpoint together."""
+    """Set by SIGTERM/SIGINT; the ranks agree on it at the next step so they all checkpoint together.
+
+    While the loop waits for data (``with flag.waiting():``) a signal also interrupts the wait, so a run whose data
+    is slow or never comes still stops promptly; ``signum`` gives the run's exit status (128 + signum).
+    """
 
     def __init__(self) -> None:
         self.raised = False
+        self.signum: int | None = None
+        self.in_wait = False
         self.previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -140,7 +151,21 @@ class StopFlag:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = True
+        self.raised, self.signum = True, signum
+        if self.in_wait:
+            self.in_wait = False
+            raise StopRequested
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A block that a stop signal may interrupt (with ``StopRequested``)."""
+        if self.raised:
+            raise StopRequested
+        self.in_wait = True
+        try:
+            yield
+        finally:
+            self.in_wait = False
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -211,12 +236,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         while step < cfg.max_steps:
             before_fetch = task.data.state_dict()  # a stop before this step must not lose its micro-batches
             batches, exhausted = [], False
-            for _ in range(cfg.grad_accum_steps):
-                try:
-                    batches.append(task.data.next())
-                except StopIteration:
-                    exhausted = True
-                    break
+            try:
+                with stop.waiting():
+                    for _ in range(cfg.grad_accum_steps):
+                        batches.append(task.data.next())
+            except StopIteration:
+                exhausted = True
+            except StopRequested:
+                batches = []  # the checkpoint below keeps the data position from before this step
             if first and resumed_from is not None:
                 logger.event(
                     "resumed",
@@ -315,6 +342,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "step": step,
         "stopped_by": stopped_by,
+        "signal": stop.signum if stopped_by == "signal" else None,
         "output_dir": str(out_dir),
         "export": str(out_dir / "hf"),
         "nonfinite_steps": counters["nonfinite_steps"],

@@ -44,7 +44,15 @@ from torch.utils.data import IterableDataset
 
 from data_pipelines.reader import MappedStream
 from train.config import DataConfig, OptimConfig, SiglipConfig, resolve_path
-from train.data import RecordFilter, StreamData, reader_of, record_stream, with_media_bytes
+from train.data import (
+    ProgressGuard,
+    RecordFilter,
+    StreamData,
+    guarded,
+    reader_of,
+    record_stream,
+    with_media_bytes,
+)
 from train.optim import grouped_by_part
 
 log = logging.getLogger(__name__)
@@ -385,6 +393,7 @@ def pair_data(
     cfg: DataConfig, sig: SiglipConfig, processor: Any, tokenizer: Any, seed: int, rank: int, world: int
 ) -> StreamData:
     """This data-parallel rank's stage-0 micro-batches: single-image records → (image, caption) → ``PairBatch``."""
-    records = RecordFilter(record_stream(cfg, seed, rank, world), pair_rejection, "pair")
+    guard = ProgressGuard(cfg.max_rejected_in_a_row)
+    records = RecordFilter(record_stream(cfg, seed, rank, world, guard), pair_rejection, "pair")
     pairs = MappedStream(records, PairEncoder(processor, tokenizer, sig.max_text_len), errors=(ValueError, OSError))
-    return StreamData(PairBatches(pairs, sig.batch_size), cfg.num_workers, reader=reader_of(records))
+    return StreamData(PairBatches(guarded(pairs, guard), sig.batch_size), cfg.num_workers, reader=reader_of(records))

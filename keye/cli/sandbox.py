@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", default=None, help="YAML file for SandboxConfig")
     parser.add_argument("overrides", nargs="*", help="SandboxConfig overrides, e.g. timeout_s=5 memory_mb=1024")
-    parser.add_argument("--json", action="store_true", help="print {status, stdout, error, images} as JSON")
+    parser.add_argument("--json", action="store_true", help="print {status, stdout, error, images, truncated} as JSON")
 
 
 def run(args: argparse.Namespace) -> int:

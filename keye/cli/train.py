@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -50,6 +51,15 @@ def run(args: argparse.Namespace) -> int:
         from train.loop import run_training
 
         summary = run_training(cfg)
+    signum = summary.get("signal")
+    if signum:  # saved, but not finished: a script must be able to tell (128 + signal, as a killed process)
+        if summary["rank"] == 0:
+            print(
+                f"{cfg.stage}: stopped by {signal.Signals(signum).name} at step {summary['step']} after saving its "
+                f"checkpoint in {summary['output_dir']}/checkpoints; no final HF export was written ("
+                f"{summary['export']}, if present, is from an earlier run); rerun the same command to resume"
+            )
+        return 128 + signum
     if summary["rank"] == 0:
         print(
             f"{cfg.stage}: stopped at step {summary['step']} ({summary['stopped_by']}); "

@@ -402,6 +402,7 @@ def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
     return {
         "step": step,
         "stopped_by": stopped_by,
+        "signal": stop.signum if stopped_by == "signal" else None,
         "output_dir": str(out_dir),
         "export": str(out_dir / "hf"),
         "rank": rank,
