@@ -6,6 +6,8 @@ exits 143."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -52,19 +54,40 @@ def test_a_run_whose_every_record_is_rejected_fails_with_the_reason(setup, worke
     assert "skipped_mode/unknown: no SFT mode" in line and "Traceback" not in line, line
 
 
+def _finish_or_dump(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """Like ``th.finish``, but a hang is reported with every thread's stack (faulthandler on SIGABRT)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            th.kill_tree(proc, signal.SIGKILL)
+            out, _ = proc.communicate()
+        raise AssertionError(f"no exit {timeout}s after SIGTERM; stacks:\n{out[-6000:]}") from None
+    return proc.returncode, out
+
+
 def test_sigterm_while_waiting_for_data_saves_and_exits_143(setup):
     cfg, out_dir = setup("term", **{"data.max_rejected_in_a_row": 0})  # never gives up: the wait is endless
-    proc = th.launch(cfg)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not any(r.get("event") == "start" for r in th.metrics(out_dir)):
-        if (out_dir / "metrics.jsonl").exists() or proc.poll() is not None:
-            break
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "faulthandler", "-m", "train", str(cfg)],
+        cwd=th.REPO,
+        env=th.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out_dir / "metrics.jsonl").exists() and proc.poll() is None:
         time.sleep(0.1)
-    time.sleep(3.0)  # well inside the endless wait for a usable record
+    time.sleep(8.0)  # past set-up, well inside the endless wait for a usable record
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    code, out = th.finish(proc, timeout=60)
+    code, out = _finish_or_dump(proc, timeout=60)
     assert time.monotonic() - sent < 30
     assert code == 128 + signal.SIGTERM, out[-3000:]
     assert "stopped by SIGTERM at step 0" in out and "rerun the same command to resume" in out

@@ -129,8 +129,9 @@ def siglip_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, wo
     )
 
 
-class StopRequested(Exception):
-    """Raised out of a wait for data when a stop signal arrives (``StopFlag.waiting``)."""
+class StopRequested(BaseException):
+    """Raised out of a wait for data when a stop signal arrives (``StopFlag.waiting``); a ``BaseException``, like
+    ``KeyboardInterrupt``, so that no ``except Exception`` in the data pipeline can swallow it."""
 
 
 class StopFlag:
