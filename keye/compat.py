@@ -6,7 +6,8 @@ transformers 5.24 renamed the KV cache's argument and output field from ``past_k
 the outputs handed back to it go through these helpers, so no version test is scattered through the code. The
 test ``tests/test_compat.py`` runs in CI on the floor and on the newest releases.
 
-``torch.nn.attention.varlen.varlen_attn`` takes ``enable_gqa`` in 2.14 but not in 2.11 (``torch_varlen_kwargs``). torch before 2.14 guards a JIT extension build with a ``lock`` file whose existence blocks (a killed build leaves it
+``torch.nn.attention.varlen.varlen_attn`` takes ``enable_gqa`` in 2.14 but not in 2.11 (``torch_varlen_kwargs``).
+torch before 2.14 guards a JIT extension build with a ``lock`` file whose existence blocks (a killed build leaves it
 behind); 2.14 holds an OS lock on it instead (``train.extension_locks`` clears the first kind).
 """
 

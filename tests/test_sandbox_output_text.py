@@ -29,6 +29,16 @@ def test_result_text_is_always_valid_utf8():
     assert valid_utf8("plain ✓") == "plain ✓"
 
 
+def test_bytes_split_across_a_flush_still_decode():
+    from keye.sandbox.worker import BoundedWriter
+
+    out = BoundedWriter(100)
+    out.buffer.write("€ ".encode()[:2])
+    out.buffer.flush()  # code may flush mid-character; only the end of the block settles what is pending
+    out.buffer.write("€ ".encode()[2:] + b"\xff")
+    assert out.getvalue() == "€ \ufffd" and not out.truncated
+
+
 def _cli(tmp_path, code: str) -> dict:
     path = tmp_path / "block.txt"
     path.write_text(_block(code))

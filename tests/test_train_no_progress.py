@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -55,7 +54,7 @@ def test_a_run_whose_every_record_is_rejected_fails_with_the_reason(setup, worke
 
 
 def _finish_or_dump(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    """Like ``th.finish``, but a hang is reported with every thread's stack (faulthandler on SIGABRT)."""
+    """Like ``th.finish``, but a hang is reported with every thread's stack (``th.env`` turns faulthandler on)."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -71,15 +70,7 @@ def _finish_or_dump(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
 
 def test_sigterm_while_waiting_for_data_saves_and_exits_143(setup):
     cfg, out_dir = setup("term", **{"data.max_rejected_in_a_row": 0})  # never gives up: the wait is endless
-    proc = subprocess.Popen(
-        [sys.executable, "-X", "faulthandler", "-m", "train", str(cfg)],
-        cwd=th.REPO,
-        env=th.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = th.launch(cfg)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out_dir / "metrics.jsonl").exists() and proc.poll() is None:
         time.sleep(0.1)

@@ -212,6 +212,7 @@ def env() -> dict[str, str]:
         WANDB_MODE="disabled",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
+        PYTHONFAULTHANDLER="1",  # a crashed run, or one a test aborts for hanging (SIGABRT), prints its stacks
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):

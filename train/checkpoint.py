@@ -148,8 +148,7 @@ def save_checkpoint(
             export_hf(engine, processor, ckpt / "hf", rank)
     except Exception as exc:  # noqa: BLE001 - any failure to write becomes one line, and the partial save goes
         message = describe_failed_save(ckpt, exc)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        shutil.rmtree(ckpt / "hf.tmp", ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)  # the export's hf.tmp lies inside it
         raise CheckpointWriteError(message) from exc
     dist.barrier()
     if rank == 0:

@@ -88,7 +88,8 @@ class _BytesToText(io.RawIOBase):
         self.text.write(self.decoder.decode(data))
         return len(data)
 
-    def flush(self) -> None:
+    def finish(self) -> None:
+        """End of the block: bytes of an unfinished UTF-8 sequence become U+FFFD (``flush`` keeps them pending)."""
         self.text.write(self.decoder.decode(b"", final=True))
 
 
@@ -128,7 +129,7 @@ class BoundedWriter(io.TextIOBase):
         return self.dropped > 0
 
     def getvalue(self) -> str:
-        self.buffer.flush()
+        self.buffer.finish()
         text = "".join(self.parts)
         if self.dropped:
             text += f"\n[... output truncated: {self.dropped} more characters]"
