@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 SLOW = 0
@@ -28,6 +29,27 @@ class MediaError(ValueError):
 
 
 DEFAULT_FPS = 2.0
+
+
+def frame_timestamp(index: int, fps: float) -> float:
+    """Seconds of frame ``index`` of a video at ``fps``, the value the released pipeline puts in the prompt.
+
+    keye-vl-utils 1.5.2 computes ``(1 / video_fps) * i`` in float64 and stores it in a ``torch.FloatTensor``, so
+    the released processor prints the float32 rounding of that product. Both details change the printed tenth:
+    at 20 fps, frame 3 is ``(1 / 20) * 3`` = 0.15000000000000002, float32 0.15000000596…, printed "0.2", while
+    ``3 / 20`` = 0.1499999999… prints "0.1"; one frame in 5 at 20 fps, 1 in 15 at 60 fps and 1 in 30 at 120 fps
+    prints differently that way (tests/test_video_reference.py). So the order ``(1 / fps) * index`` is kept and the
+    result is rounded to float32, returned as the Python float of that float32 (what ``tensor[j].item()`` gives).
+    Every reader (video files, video bytes, frame lists with ``fps``) takes its timestamps from here.
+    """
+    return float(np.float32((1.0 / fps) * index))
+
+
+def timestamp_text(seconds: float) -> str:
+    """A frame timestamp as prompt text: ``format(ts, ".1f")`` of its float32 value, as the released processor
+    writes it ("12.5"). The float32 cast makes float64 values from older records (``i / fps``) print as the
+    released pipeline prints them; it changes nothing for values from :func:`frame_timestamp`."""
+    return format(float(np.float32(seconds)), ".1f")
 
 
 @dataclass
@@ -68,7 +90,9 @@ class VideoClip:
     """
 
     frames: torch.Tensor
-    timestamps: list[float]  # seconds; empty for a frame list read without fps (the original gives none either)
+    # seconds (float32 values, see ``frame_timestamp``); empty for a frame list read without fps (the original gives
+    # none either). Values given as float64 are rounded to float32 on construction, as the released FloatTensor does.
+    timestamps: list[float]
     frame_types: list[int]
     slow_hw: tuple[int, int]
     fast_hw: tuple[int, int]
@@ -83,6 +107,7 @@ class VideoClip:
             raise ValueError(f"VideoClip has {n} frames but {len(self.frame_types)} frame types")
         if self.timestamps and len(self.timestamps) != n:
             raise ValueError(f"VideoClip has {n} frames but {len(self.timestamps)} timestamps")
+        self.timestamps = [float(t) for t in np.asarray(self.timestamps, dtype=np.float32)]
 
     @property
     def num_frames(self) -> int:

@@ -1,7 +1,8 @@
 """``load_video``: decode the sampled frames of one video, type them slow/fast and fix the token budget.
 
 Sampling, typing and budget equal keye-vl-utils 1.5.2's ``fetch_video`` (frame count, ``linspace(...).round()``
-indices, ``index / native_fps`` timestamps, slow/fast types, slow and fast sizes); the reference tests check it.
+indices, float32 ``(1 / native_fps) * index`` timestamps from ``media.frame_timestamp``, slow/fast types, slow and
+fast sizes); the reference tests check it, timestamps as the prompt text they become.
 What differs is how the work is done:
 
 - **Decoding** (backend ``auto``): PyAV first. One cheap demux pass lists packet timestamps (frame count and order
@@ -34,7 +35,7 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from .image_reader import load_image
-from .media import SLOW, MediaError, VideoClip, VideoOptions
+from .media import SLOW, MediaError, VideoClip, VideoOptions, frame_timestamp
 from .overlap import read_ahead, run_single_threaded
 from .slowfast import (
     FrameFeatures,
@@ -89,7 +90,9 @@ def sample_indices(num_frames: int, native_fps: float, options: VideoOptions, la
 
     ``fps = min(options.sample_fps, native_fps)``; ``max_frames = video_total_pixels / min_pixels`` (1365 by default),
     lowered by ``options.max_frames``. A ``video_start``/``video_end`` window restricts the range to the frames
-    whose timestamps fall inside it.
+    whose exact times ``index / native_fps`` fall inside it (1e-6 s tolerance). The timestamps the clip then
+    carries are float32 (``frame_timestamp``) and may sit one float32 step outside it (0.699999988 for frame 7 at
+    10 fps in a window starting at 0.7 s); the window is decided on frame indices, never on those rounded values.
     """
     if num_frames <= 0 or not native_fps or native_fps <= 0:
         raise MediaError("empty", f"video has {num_frames} frames at {native_fps} fps", label)
@@ -419,7 +422,7 @@ def _assemble(
 
 def _load_frame_list(paths: Sequence[str], options: VideoOptions) -> VideoClip:
     """A video given as image files, as the original reads them: ``len(paths)`` frames taken whole (capped by
-    ``max_frames``) and timestamps ``index / fps`` only when ``options.fps`` is given."""
+    ``max_frames``) and timestamps ``frame_timestamp(index, fps)`` only when ``options.fps`` is given."""
     if not paths:
         raise MediaError("empty", "frame list is empty", "<frame list>")
     label = f"<{len(paths)} frames: {paths[0]}…>"
@@ -437,7 +440,7 @@ def _load_frame_list(paths: Sequence[str], options: VideoOptions) -> VideoClip:
             # contiguous [3, H, W], as the original stacks its images (the resize rounds by memory layout)
             yield partial(torch.Tensor.contiguous, torch.from_numpy(np.array(img)).permute(2, 0, 1))
 
-    timestamps = [i / fps for i in indices] if options.fps is not None else []
+    timestamps = [frame_timestamp(i, fps) for i in indices] if options.fps is not None else []
     duration = len(paths) / fps if options.fps is not None else None
     prepared = _prepared_frames(frames(), options.slow_fast)
     return run_single_threaded(_assemble, prepared, indices, None, timestamps, options, label, duration)
@@ -453,7 +456,7 @@ def load_video(source: VideoSource, options: VideoOptions | None = None) -> Vide
     indices = sample_indices(meta.num_frames, meta.fps, options, label)
     loads = (partial(_chw_view, to_array) for _, to_array in decode(indices))
     prepared = _prepared_frames(loads, options.slow_fast)
-    timestamps = [i / meta.fps for i in indices]
+    timestamps = [frame_timestamp(i, meta.fps) for i in indices]
     duration = meta.num_frames / meta.fps
     return run_single_threaded(_assemble, prepared, indices, meta.fps, timestamps, options, label, duration)
 

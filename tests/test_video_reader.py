@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_pipelines import synthetic
 from data_pipelines.image_reader import load_image
-from data_pipelines.media import FAST, SLOW, MediaError, VideoOptions
+from data_pipelines.media import FAST, SLOW, MediaError, VideoClip, VideoOptions, frame_timestamp, timestamp_text
 from data_pipelines.resize import tokens_for
 from data_pipelines.video_reader import clip_pixels, decode_frames, load_video, sample_indices
 
@@ -38,7 +38,7 @@ def test_clip_fields_and_types(cuts):
     clip = load_video(cuts)
     assert clip.num_frames == 24 and clip.frames.dtype == torch.uint8 and clip.frames.shape[1] == 3
     assert clip.native_fps == pytest.approx(10.0) and clip.duration == pytest.approx(12.0)
-    assert clip.timestamps == [i / 10.0 for i in clip.frame_indices]
+    assert clip.timestamps == [frame_timestamp(i, 10.0) for i in clip.frame_indices]
     assert clip.frame_types[0] == SLOW
     # every scene starts with a slow frame: samples land on frames 0, 20, 40, ... at most one sample late
     scene_of = [i // 20 for i in clip.frame_indices]
@@ -195,3 +195,22 @@ def test_load_image_errors(tmp_path, reason, monkeypatch):
     with pytest.raises(MediaError) as err:
         load_image(str(path))
     assert err.value.reason == reason
+
+
+def test_timestamps_are_the_released_float32_values():
+    """``(1 / fps) * i`` rounded to float32, printed with one decimal of that float32 (keye-vl-utils + the released
+    processor); the old float64 ``i / fps`` printed 20 fps frame 81 as "4.0" where the release prints "4.1"."""
+    assert frame_timestamp(81, 20.0) == float(np.float32((1 / 20.0) * 81)) == 4.050000190734863
+    assert (f"{81 / 20.0:.1f}", timestamp_text(frame_timestamp(81, 20.0))) == ("4.0", "4.1")
+    assert frame_timestamp(93, 60.0) == float(torch.FloatTensor([(1 / 60.0) * 93])[0])
+    assert timestamp_text(frame_timestamp(93, 60.0)) == "1.5" != f"{93 / 60.0:.1f}"
+    # a float64 value from an older record prints as the release prints it: the text casts to float32 first
+    assert timestamp_text(81 / 20.0) == "4.1" and timestamp_text(3 / 20.0) == "0.2"
+    clip = VideoClip(
+        frames=torch.zeros(2, 3, 28, 28, dtype=torch.uint8),
+        timestamps=[0.0, 81 / 20.0],
+        frame_types=[SLOW, FAST],
+        slow_hw=(28, 28),
+        fast_hw=(28, 28),
+    )
+    assert clip.timestamps == [0.0, 4.050000190734863]  # stored as the released FloatTensor holds them

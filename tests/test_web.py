@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import synthetic
-from data_pipelines.media import VideoOptions
+from data_pipelines.media import VideoOptions, timestamp_text
 from data_pipelines.video_reader import load_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +126,7 @@ def test_upload_and_stream_video(server, media):
     # The strip shows exactly what the data pipeline samples: same timestamps, slow/fast types and token count.
     clip = load_video(media["video"], VideoOptions())
     assert [f["timestamp"] for f in first["frames"]] == pytest.approx(clip.timestamps)
+    assert [f["timestamp_text"] for f in first["frames"]] == [timestamp_text(t) for t in clip.timestamps]
     assert [f["type"] for f in first["frames"]] == ["fast" if k else "slow" for k in clip.frame_types]
     assert {"slow", "fast"} <= {f["type"] for f in first["frames"]}, "scene cuts give both slow and fast frames"
     assert first["visual_tokens"] == clip.visual_tokens() == done["visual_tokens"]

@@ -26,9 +26,9 @@ import time
 def _worker(impl: str, path: str, warmup: str) -> None:
     """Read ``warmup`` (a 2-second clip of the same resolution: library, decoder and allocator start-up, paid once
     per data-loader worker), then time one read of ``path`` and print a JSON result line (in its own process)."""
-    import numpy as np
     from keye_vl_utils import fetch_video
 
+    from data_pipelines.media import timestamp_text
     from data_pipelines.video_reader import clip_pixels, load_video
 
     t0 = time.perf_counter()
@@ -40,7 +40,7 @@ def _worker(impl: str, path: str, warmup: str) -> None:
         frames, kw = fetch_video({"video": path})
         out = {
             "frames": int(frames.shape[0]),
-            "timestamps": np.asarray(kw["timestamps"], np.float32).tolist(),
+            "timestamps": [format(t, ".1f") for t in kw["timestamps"]],  # the released processor's prompt text
             "frame_types": [int(t) for t in kw["frame_types"]],
             "slow_hw": [kw["height"], kw["width"]],
             "fast_hw": [kw["fast_height"], kw["fast_width"]],
@@ -52,7 +52,7 @@ def _worker(impl: str, path: str, warmup: str) -> None:
         pixels_seconds = time.perf_counter() - t1
         out = {
             "frames": clip.num_frames,
-            "timestamps": np.asarray(clip.timestamps, np.float32).tolist(),
+            "timestamps": [timestamp_text(t) for t in clip.timestamps],
             "frame_types": clip.frame_types,
             "slow_hw": list(clip.slow_hw),
             "fast_hw": list(clip.fast_hw),

@@ -1,9 +1,10 @@
 """``keye video-info PATH…``: what the model sees of each video (sampled frames, slow/fast types, sizes, tokens).
 
 ``--json`` prints one object per video and line with keys ``path``, ``frames`` (sampled frame indices),
-``timestamps``, ``frame_types`` (0 slow, 1 fast), ``slow_hw``, ``fast_hw``, ``visual_tokens`` and ``seconds``
-(decode through the final per-frame pixel tensors, in this process). A file that cannot be read prints one error
-line and the others still run; the exit code is 1 if any failed.
+``timestamps`` (the float32 values the released pipeline computes, e.g. 4.050000190734863; the prompt and the human
+summary print them with ``media.timestamp_text``: "4.1"), ``frame_types`` (0 slow, 1 fast), ``slow_hw``,
+``fast_hw``, ``visual_tokens`` and ``seconds`` (decode through the final per-frame pixel tensors, in this process).
+A file that cannot be read prints one error line and the others still run; the exit code is 1 if any failed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import sys
 import time
 
-from data_pipelines.media import DEFAULT_FPS, FAST, MediaError, VideoClip, VideoOptions
+from data_pipelines.media import DEFAULT_FPS, FAST, MediaError, VideoClip, VideoOptions, timestamp_text
 from data_pipelines.resize import tokens_for
 from data_pipelines.video_reader import clip_pixels, load_video
 
@@ -51,7 +52,7 @@ def _human(clip: VideoClip, info: dict) -> str:
     slow_tok, fast_tok = tokens_for(*clip.slow_hw), tokens_for(*clip.fast_hw)
     times = clip.timestamps or [None] * clip.num_frames
     marks = " ".join(
-        f"{'' if t is None else f'{t:.1f}'}{'f' if k == FAST else 'S'}" for t, k in zip(times, clip.frame_types)
+        f"{'' if t is None else timestamp_text(t)}{'f' if k == FAST else 'S'}" for t, k in zip(times, clip.frame_types)
     )
     if clip.native_fps:
         duration = f"  duration {clip.duration:.2f} s at {clip.native_fps:.3f} fps"

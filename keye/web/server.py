@@ -5,8 +5,8 @@ Routes (all errors are JSON ``{"error": message, "reason": tag}`` with a 4xx/5xx
 - ``GET /`` the page; ``GET /api/info`` model name, samples, upload limit, token cap;
 - ``POST /api/upload`` raw file body (``X-Filename`` header, URL-encoded) -> ``{"media_id", "kind", "name", "size"}``;
 - ``POST /api/generate`` JSON ``{"question", "media_id" | "sample", "mode": think|no_think|auto, "slow_fast",
-  "max_new_tokens"}`` -> Server-Sent Events: ``media`` (frames with slow/fast types, timestamps and thumbnail URLs,
-  visual and prompt tokens), ``text`` (streamed pieces), then ``done`` (answer, timings) or ``error``;
+  "max_new_tokens"}`` -> Server-Sent Events: ``media`` (frames with slow/fast types, timestamps, the timestamp text
+  the prompt holds, thumbnail URLs, the sizes the model sees, visual and prompt tokens), ``text`` (streamed pieces), then ``done`` (answer, timings) or ``error``;
 - ``GET /api/frames/<job>/<n>.jpg`` the thumbnails of the last few generations.
 
 One generation runs at a time (a second gets 409 at once rather than queueing behind a long video). A client that
@@ -31,7 +31,8 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from data_pipelines.media import FAST, MediaError
+from data_pipelines.media import FAST, MediaError, timestamp_text
+from keye.image_processing import model_image_size
 
 from .media import StoredMedia, UploadStore, WebError, jpeg_thumbnail, list_samples
 
@@ -144,7 +145,12 @@ class WebDemo:
                 content = {"type": "video", "video": clip}
                 thumbs = [jpeg_thumbnail(f) for f in clip.frames]
                 frames = [
-                    {"index": j, "timestamp": t, "type": "fast" if k == FAST else "slow"}
+                    {
+                        "index": j,
+                        "timestamp": t,
+                        "timestamp_text": timestamp_text(t),  # as the prompt writes it (JS toFixed rounds ties up)
+                        "type": "fast" if k == FAST else "slow",
+                    }
                     for j, (t, k) in enumerate(zip(clip.timestamps, clip.frame_types))
                 ]
                 sizes = {"slow_hw": list(clip.slow_hw), "fast_hw": list(clip.fast_hw)}
@@ -152,8 +158,10 @@ class WebDemo:
                 image = processor.load_image_item({"image": str(media.path)}, None)
                 content = {"type": "image", "image": image}
                 thumbs = [jpeg_thumbnail(image)]
-                frames = [{"index": 0, "timestamp": None, "type": "image"}]
-                sizes = {"slow_hw": [image.height, image.width], "fast_hw": None}
+                frames = [{"index": 0, "timestamp": None, "timestamp_text": None, "type": "image"}]
+                # the size the model sees: after the image processor's own resize (preprocessor_config.json)
+                final_hw = model_image_size(image.height, image.width, processor.image_config)
+                sizes = {"slow_hw": list(final_hw), "fast_hw": None}
         except MediaError as exc:
             raise WebError(400, exc.reason, f"cannot use {media.name}: {exc}") from exc
         conversation = [{"role": "user", "content": [content, {"type": "text", "text": req.question}]}]
