@@ -83,11 +83,19 @@ def _load_check(kind: str, data: bytes, options: dict[str, Any]) -> None:
 
     if kind == "image":
         from data_pipelines.image_reader import load_image
+        from data_pipelines.media import MediaError
+        from data_pipelines.resize import smart_resize
 
         kwargs = {k: options[k] for k in ("min_pixels", "max_pixels") if options.get(k) is not None}
         if options.get("resized_height") and options.get("resized_width"):
             kwargs["resized_hw"] = (options["resized_height"], options["resized_width"])
-        load_image(data, **kwargs)
+        image = load_image(data, **kwargs)
+        # The image processor's own resize (second stage) refuses an aspect ratio above 200 whatever the
+        # checkpoint's pixel limits are, so this decides exactly what any model's processor would.
+        try:
+            smart_resize(image.height, image.width)
+        except ValueError as exc:
+            raise MediaError("unsupported", f"image processor resize: {exc}") from exc
     else:
         from data_pipelines.video_reader import load_video
 

@@ -1,9 +1,21 @@
 """Pixels → flat ViT patches, in the row-major (t, h, w) order the vision tower expects.
 
-Images arrive already resized to multiples of 28 (``data_pipelines.image_reader.load_image``); video frames
-arrive at decoded size (or smaller, for long videos) and are resized here to the slow or fast resolution chosen by
-the Slow-Fast selection, before rescaling, as Hugging Face image processors do: uint8 antialiased bilinear
-(``data_pipelines.video_reader.clip_pixels``; ~12x cheaper than resizing float frames, measured).
+What happens to pixels here is the released image processor's part of the pipeline, driven by the checkpoint's
+``preprocessor_config.json`` (:class:`keye.preprocessor_config.ImageProcessorConfig`):
+
+- **images** arrive after keye-vl-utils' resize (``data_pipelines.image_reader.load_image``, the first stage) and
+  are resized a second time to ``smart_resize(h, w, 28, min_pixels, max_pixels)`` of the config with PIL's filter
+  ``resample`` (bilinear), as the released processor does through transformers' ``image_transforms.resize``
+  (``resize_for_model``); then rescaled and normalised (``pixel_values``);
+- **video frames** arrive at decoded size (or smaller, for long videos) and are resized here to the slow or fast
+  resolution chosen by the Slow-Fast selection, uint8 antialiased bilinear as the released processor does
+  (``data_pipelines.video_reader.clip_pixels``; ~12x cheaper than resizing float frames, measured). The config's
+  pixel limits do not apply to them: keye-vl-utils passes explicit slow/fast sizes and the released processor
+  calls its image processor with ``do_resize=False``. Only the rescale and normalisation are shared with images.
+
+``pixel_values`` computes exactly what transformers' ``rescale`` then ``normalize`` compute (float64 multiply by
+``rescale_factor``, cast to float32, then float32 ``(x - mean) / std``), so the values are bit-identical to the
+released processor's (tests/test_processor.py compares them).
 """
 
 from __future__ import annotations
@@ -12,50 +24,70 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipelines.media import VideoClip
+from data_pipelines.media import MediaError, VideoClip
+from data_pipelines.resize import smart_resize
 from data_pipelines.video_reader import clip_pixels
+from keye.preprocessor_config import ImageProcessorConfig
+from keye.released_image_processor import rescale_normalize, resize_image, to_patches
 
 PATCH = 14
-IMAGE_MEAN = (0.5, 0.5, 0.5)  # SigLIP normalisation (Keye-VL Preview preprocessor_config)
-IMAGE_STD = (0.5, 0.5, 0.5)
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[..., 3, H, W]`` → float32 rescaled by 1/255 and normalised with SigLIP mean/std."""
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
+def model_image_size(height: int, width: int, config: ImageProcessorConfig) -> tuple[int, int]:
+    """The released processor's own resize target for an image of ``height × width`` (its second stage).
+
+    Raises ``MediaError("unsupported")`` for an aspect ratio above 200, as the released ``smart_resize`` does
+    (possible after the first stage rounds a thin strip, e.g. 29×5800 → 28×5796).
+    """
+    if not config.do_resize:
+        return height, width
+    factor = config.patch_size * config.merge_size
+    try:
+        return smart_resize(height, width, factor, config.min_pixels, config.max_pixels)
+    except ValueError as exc:
+        raise MediaError("unsupported", f"image processor resize: {exc}") from exc
+
+
+def resize_for_model(image: Image.Image, config: ImageProcessorConfig) -> Image.Image:
+    """Second-stage resize of a first-stage RGB image (``keye.released_image_processor.resize_image``)."""
+    if not config.do_resize:
+        return image
+    factor = config.patch_size * config.merge_size
+    try:
+        return resize_image(image, config.min_pixels, config.max_pixels, factor, config.resample)
+    except ValueError as exc:
+        raise MediaError("unsupported", f"image processor resize: {exc}") from exc
+
+
+def pixel_values(pixels: torch.Tensor, config: ImageProcessorConfig) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` → float32 rescaled and normalised as transformers' ``rescale`` + ``normalize``."""
+    return rescale_normalize(
+        pixels,
+        config.rescale_factor if config.do_rescale else None,
+        config.image_mean if config.do_normalize else None,
+        config.image_std if config.do_normalize else None,
+    )
 
 
 def patchify(pixels: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
     """``[T, 3, H, W]`` → ``[T·(H/p)·(W/p), 3·p·p]``, patches row-major within each frame."""
-    t, c, h, w = pixels.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
-    x = pixels.reshape(t, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(t * (h // patch) * (w // patch), c * patch * patch)
+    return to_patches(pixels, patch)[0].flatten(1)
 
 
-def image_to_patches(image: Image.Image) -> tuple[torch.Tensor, list[int]]:
-    """A resized RGB image → (patches, grid ``[1, h/14, w/14]``)."""
-    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+def image_to_patches(image: Image.Image, config: ImageProcessorConfig) -> tuple[torch.Tensor, list[int]]:
+    """A first-stage RGB image (``load_image``) → (patches, grid ``[1, h/14, w/14]``) after the second stage."""
+    image = resize_for_model(image.convert("RGB"), config)
+    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     _, h, w = arr.shape
-    return patchify(normalize(arr)[None]), [1, h // PATCH, w // PATCH]
+    return patchify(pixel_values(arr, config)[None]), [1, h // PATCH, w // PATCH]
 
 
-def video_to_patches(clip: VideoClip) -> tuple[torch.Tensor, list[list[int]]]:
-    """All frames of a clip → (patches in frame order, per-frame grids ``[1, h/14, w/14]``)."""
-    patches = [patchify(normalize(pixels[None])) for pixels in clip_pixels(clip)]
-    grids = [[1, clip.frame_hw(j)[0] // PATCH, clip.frame_hw(j)[1] // PATCH] for j in range(clip.num_frames)]
-    return torch.cat(patches), grids
+def video_to_patches(clip: VideoClip, config: ImageProcessorConfig) -> tuple[torch.Tensor, list[list[int]]]:
+    """All frames of a clip → (patches in frame order, per-frame grids ``[1, h/14, w/14]``); no second resize."""
+    patches = [patchify(pixel_values(pixels[None], config)) for pixels in clip_pixels(clip)]
+    return torch.cat(patches), video_grids(clip)
 
 
-def merge_grids(grids: list[list[int]]) -> list[list[int]]:
-    """Run-length merge consecutive identical per-frame grids into ``[k, h, w]`` rows (the released format)."""
-    merged: list[list[int]] = []
-    for t, h, w in grids:
-        if merged and merged[-1][1:] == [h, w]:
-            merged[-1][0] += t
-        else:
-            merged.append([t, h, w])
-    return merged
+def video_grids(clip: VideoClip) -> list[list[int]]:
+    """Per-frame grids ``[1, h/14, w/14]`` of a clip (slow or fast size), without touching pixels."""
+    return [[1, clip.frame_hw(j)[0] // PATCH, clip.frame_hw(j)[1] // PATCH] for j in range(clip.num_frames)]

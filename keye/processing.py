@@ -6,6 +6,11 @@ its timestamp ("12.5") + n_j × ``<|video_pad|>``, fast frames wrapped in ``<|fa
 (KEYE_FACTS Part A §2–3). Expansion happens on token ids, not strings, so a 60K-token video costs no
 tokenizer time. Labels cover assistant text and its ``<|im_end|>`` only; visual tokens, Thyme sandbox
 outputs (``<sandbox_output>…</sandbox_output>``) and everything else are ``IGNORE_INDEX``.
+
+Saved beside the tokenizer: ``preprocessor_config.json`` (the released image processor's file: its pixel limits,
+rescale factor, mean and std, read into ``image_config``; see ``keye.preprocessor_config``) and
+``keye_processor_config.json`` (our own settings: the first-stage image limits, video options, system prompt, Thyme
+flag). Every image and video is turned into pixels through ``encode_image``/``encode_video`` with ``image_config``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from data_pipelines.media import FAST, VideoClip, VideoOptions
+from data_pipelines.media import FAST, VideoClip, VideoOptions, timestamp_text
 from data_pipelines.resize import MAX_PIXELS, MIN_PIXELS
 from keye.configuration import (
     FAST_END_TOKEN_ID,
@@ -33,8 +38,10 @@ from keye.configuration import (
     VISION_START_TOKEN_ID,
 )
 from keye.encoded import IGNORE_INDEX, EncodedSample
-from keye.image_processing import image_to_patches, merge_grids, video_to_patches
+from keye.image_processing import image_to_patches, video_to_patches
+from keye.preprocessor_config import ImageProcessorConfig
 from keye.reasoning import apply_mode
+from keye.released_processor import merge_grids
 from keye.rope import multimodal_position_ids
 from keye.tokenizer import load_tokenizer
 
@@ -62,7 +69,11 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class ProcessorConfig:
-    """Pixel budgets and defaults; saved as ``keye_processor_config.json`` beside the tokenizer."""
+    """Our settings beyond the released ``preprocessor_config.json``; saved as ``keye_processor_config.json``.
+
+    ``min_pixels``/``max_pixels`` are the *first* image resize (keye-vl-utils' ``fetch_image`` defaults, overridable
+    per message item); the released image processor's own limits, applied after it, are ``ImageProcessorConfig``'s.
+    """
 
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
@@ -104,12 +115,19 @@ def _with_mode(messages: list[dict], mode: str | None) -> list[dict]:
 
 
 class KeyeVLProcessor:
-    """Tokenizer + pixel processing + chat template. ``encode_conversation`` serves training and inference."""
+    """Tokenizer + pixel processing + chat template. ``encode_conversation`` serves training and inference.
 
-    def __init__(self, tokenizer=None, config: ProcessorConfig | None = None) -> None:
+    ``config``: our settings (``keye_processor_config.json``); ``image_config``: the released image processor's
+    (``preprocessor_config.json``, published Keye-VL 1.5 values by default).
+    """
+
+    def __init__(
+        self, tokenizer=None, config: ProcessorConfig | None = None, image_config: ImageProcessorConfig | None = None
+    ) -> None:
         self.tokenizer = tokenizer or load_tokenizer()
         self.tokenizer.chat_template = CHAT_TEMPLATE
         self.config = config or ProcessorConfig()
+        self.image_config = image_config or ImageProcessorConfig()
         self._text_cache: dict[str, list[int]] = {}
 
     # --- persistence -----------------------------------------------------------------------------------------
@@ -117,10 +135,13 @@ class KeyeVLProcessor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(directory))
+        self.image_config.save(directory)
         (directory / PROCESSOR_CONFIG).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> KeyeVLProcessor:
+        """Tokenizer, ``preprocessor_config.json`` and ``keye_processor_config.json`` of ``directory``; a missing
+        JSON file (older checkpoints) means its defaults, a bad key in one is an error naming it and the file."""
         from keye.typed_config import from_dict
 
         directory = Path(directory)
@@ -128,7 +149,7 @@ class KeyeVLProcessor:
         config = ProcessorConfig()
         if cfg_path.is_file():
             config = from_dict(ProcessorConfig, json.loads(cfg_path.read_text()), str(cfg_path))
-        return cls(load_tokenizer(directory), config)
+        return cls(load_tokenizer(directory), config, ImageProcessorConfig.load(directory))
 
     # --- text ------------------------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -144,6 +165,8 @@ class KeyeVLProcessor:
 
     # --- media -----------------------------------------------------------------------------------------------
     def load_image_item(self, item: dict, media_root: str | Path | None) -> Image.Image:
+        """The image of a message item after the first resize (keye-vl-utils' ``fetch_image``: the item's
+        ``min_pixels``/``max_pixels`` or ``resized_height``/``resized_width``, else ``config``'s limits)."""
         from data_pipelines.image_reader import load_image
 
         source = item.get("image")
@@ -158,6 +181,20 @@ class KeyeVLProcessor:
             int(item.get("max_pixels", self.config.max_pixels)),
             resized,
         )
+
+    def encode_image(
+        self, item: dict | Image.Image, media_root: str | Path | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Patches and grid ``[1, h/14, w/14]`` of an image item (or a PIL image): both resizes, then rescale and
+        normalise with ``image_config``. The one way images become pixels, in training, inference and tools."""
+        if isinstance(item, Image.Image):
+            item = {"image": item}
+        return image_to_patches(self.load_image_item(item, media_root), self.image_config)
+
+    def encode_video(self, clip: VideoClip) -> tuple[torch.Tensor, list[list[int]]]:
+        """Patches and per-frame grids of a loaded clip: frames at their slow/fast sizes, rescaled and normalised
+        with ``image_config`` (its pixel limits do not apply to videos, as in the released processor)."""
+        return video_to_patches(clip, self.image_config)
 
     def video_options(self, item: dict) -> VideoOptions:
         known = {f.name for f in dataclasses.fields(VideoOptions)}
@@ -189,7 +226,7 @@ class KeyeVLProcessor:
         for j, (_, h, w) in enumerate(grids):
             ids.append(FRAME_TOKEN_ID)
             if clip.timestamps:
-                ids.extend(self._ids(f"{clip.timestamps[j]:.1f}"))
+                ids.extend(self._ids(timestamp_text(clip.timestamps[j])))
             pads = [VIDEO_TOKEN_ID] * (h * w // (MERGE * MERGE))
             if clip.frame_types[j] == FAST:
                 ids.extend([FAST_START_TOKEN_ID, *pads, FAST_END_TOKEN_ID])
@@ -254,13 +291,13 @@ class KeyeVLProcessor:
                         else:
                             emit(self._ids(part), assistant and not inside_sandbox)
                 elif item["type"] == "image":
-                    patches, grid = image_to_patches(self.load_image_item(item, media_root))
+                    patches, grid = self.encode_image(item, media_root)
                     img_patches.append(patches)
                     img_grids.append(grid)
                     emit(self.image_ids(grid), False)
                 else:
                     clip = self.load_video_item(item, media_root)
-                    patches, grids = video_to_patches(clip)
+                    patches, grids = self.encode_video(clip)
                     vid_patches.append(patches)
                     vid_grids.extend(merge_grids(grids))
                     emit(self.video_ids(clip, grids), False)
@@ -310,13 +347,13 @@ class KeyeVLProcessor:
         images_left, videos_left = list(images), list(videos)
         for tok in ids:
             if tok == IMAGE_TOKEN_ID:
-                patches, grid = image_to_patches(self.load_image_item({"image": images_left.pop(0)}, None))
+                patches, grid = self.encode_image({"image": images_left.pop(0)})
                 img_patches.append(patches)
                 img_grids.append(grid)
                 out.extend(self.image_ids(grid)[1:-1])
             elif tok == VIDEO_TOKEN_ID:
                 clip = videos_left.pop(0)
-                patches, grids = video_to_patches(clip)
+                patches, grids = self.encode_video(clip)
                 vid_patches.append(patches)
                 vid_grids.extend(merge_grids(grids))
                 out.extend(self.video_ids(clip, grids)[1:-1])

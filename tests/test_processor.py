@@ -1,11 +1,18 @@
-"""The processor: chat template, placeholder expansion, labels, modes, bad inputs."""
+"""The processor: chat template, placeholder expansion, labels, modes, bad inputs, the two-stage image resize."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from data_pipelines import synthetic
+from data_pipelines.image_reader import load_image
 from data_pipelines.media import MediaError
+from data_pipelines.video_reader import clip_pixels
 from keye.configuration import (
     FAST_END_TOKEN_ID,
     FAST_START_TOKEN_ID,
@@ -14,8 +21,10 @@ from keye.configuration import (
     VIDEO_TOKEN_ID,
 )
 from keye.encoded import IGNORE_INDEX
-from keye.image_processing import merge_grids, patchify
-from keye.processing import KeyeVLProcessor
+from keye.image_processing import image_to_patches, patchify
+from keye.preprocessor_config import PREPROCESSOR_CONFIG, ImageProcessorConfig
+from keye.processing import PROCESSOR_CONFIG, KeyeVLProcessor
+from keye.released_processor import merge_grids
 from tests.spine_fixtures import random_clip, random_image
 
 
@@ -168,4 +177,135 @@ def test_processor_save_and_load(processor, tmp_path):
     again = KeyeVLProcessor.from_pretrained(tmp_path)
     assert again.config.max_pixels == 1234 * 784
     assert again.tokenizer.convert_tokens_to_ids("<|fast_end|>") == 151677
+    assert (tmp_path / PREPROCESSOR_CONFIG).is_file() and again.image_config == ImageProcessorConfig()
     processor.config.max_pixels = KeyeVLProcessor().config.max_pixels
+
+
+# --- images: keye-vl-utils' resize, then the image processor's own (preprocessor_config.json) ----------------------
+
+
+def image_tokens(processor: KeyeVLProcessor, image: Image.Image) -> int:
+    sample = processor.encode_conversation([{"role": "user", "content": [{"type": "image", "image": image}]}])
+    return int((sample.input_ids == IMAGE_TOKEN_ID).sum())
+
+
+@pytest.mark.parametrize(
+    "width, height, stage1, stage2, tokens",
+    [
+        (1920, 816, (812, 1932), (644, 1540), 1265),  # was 2,001 tokens with the first stage alone
+        (4480, 3136, (3136, 4480), (812, 1176), 1218),
+        (100, 60, (56, 112), (56, 112), 8),  # inside both budgets: neither stage changes it
+    ],
+)
+def test_two_stage_image_token_counts(processor, width, height, stage1, stage2, tokens):
+    image = Image.new("RGB", (width, height), (90, 140, 200))
+    first = load_image(image)
+    assert (first.height, first.width) == stage1
+    patches, grid = processor.encode_image(image)
+    assert grid == [1, stage2[0] // 14, stage2[1] // 14] and patches.shape == (grid[1] * grid[2], 3 * 14 * 14)
+    assert image_tokens(processor, image) == tokens
+    prompt = processor.encode_prompt("<|vision_start|><|image_pad|><|vision_end|>", images=[image])
+    assert int((prompt.input_ids == IMAGE_TOKEN_ID).sum()) == tokens
+
+
+def test_preprocessor_config_is_saved_read_and_optional(tmp_path):
+    """A custom preprocessor_config.json changes image tokens after save/load; without the file (checkpoints written
+    before it existed) the published defaults apply and keye_processor_config.json is still read."""
+    image = Image.new("RGB", (1920, 816), (90, 140, 200))
+    processor = KeyeVLProcessor(image_config=ImageProcessorConfig(max_pixels=200704))
+    processor.config.system_prompt = "Be terse."
+    processor.save_pretrained(tmp_path)
+    again = KeyeVLProcessor.from_pretrained(tmp_path)
+    assert again.image_config.max_pixels == 200704 and again.config.system_prompt == "Be terse."
+    assert image_tokens(again, image) == 240  # 812x1932 -> 280x672 under 200,704 pixels
+
+    (tmp_path / PREPROCESSOR_CONFIG).unlink()
+    old = KeyeVLProcessor.from_pretrained(tmp_path)
+    assert (tmp_path / PROCESSOR_CONFIG).is_file() and old.config.system_prompt == "Be terse."
+    assert old.image_config == ImageProcessorConfig() and image_tokens(old, image) == 1265
+
+
+CLIP_STATS = {"image_mean": (0.48145466, 0.4578275, 0.40821073), "image_std": (0.26862954, 0.26130258, 0.27577711)}
+
+
+def transformers_pixels(first_stage: Image.Image, config: ImageProcessorConfig) -> torch.Tensor:
+    """What the released image processor computes for a first-stage image: transformers' qwen2-vl ``smart_resize``
+    for the size, then ``image_transforms.resize`` (PIL bilinear on uint8), ``rescale`` and ``normalize``."""
+    from transformers.image_transforms import normalize, rescale, resize
+    from transformers.image_utils import ChannelDimension, PILImageResampling
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    last = ChannelDimension.LAST
+    arr = np.asarray(first_stage)
+    size = smart_resize(arr.shape[0], arr.shape[1], 28, config.min_pixels, config.max_pixels)
+    arr = resize(arr, size, resample=PILImageResampling.BILINEAR, input_data_format=last)
+    arr = rescale(arr, config.rescale_factor, input_data_format=last)
+    arr = normalize(arr, config.image_mean, config.image_std, input_data_format=last)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _photo_like(height: int, width: int, seed: int) -> Image.Image:
+    """Smooth gradients plus sensor-like noise, saved and re-read as JPEG."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    base = np.stack([xx / width * 255, yy / height * 255, (xx + yy) / (width + height) * 255], -1)
+    arr = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ImageProcessorConfig(),
+        ImageProcessorConfig(max_pixels=200704, **CLIP_STATS),
+        ImageProcessorConfig(min_pixels=401408, max_pixels=802816),  # upscales small images in the second stage
+    ],
+    ids=["published", "clip-stats-200k", "upscale"],
+)
+def test_image_pixels_equal_transformers_resize_rescale_normalize(tmp_path, config):
+    images = [
+        random_image(813, 1931, seed=1),
+        random_image(190, 270, seed=2),
+        _photo_like(1080, 1920, seed=3),
+        Image.open(synthetic.write_image(tmp_path / "blocks.jpg", height=700, width=1500, seed=4)),
+        Image.open(synthetic.write_image(tmp_path / "alpha.png", height=300, width=260, seed=5, mode="RGBA")),
+    ]
+    for image in images:
+        first = load_image(image)
+        patches, grid = image_to_patches(first, config)
+        expected = transformers_pixels(first, config)
+        assert list(expected.shape[1:]) == [grid[1] * 14, grid[2] * 14]
+        assert torch.equal(patches, patchify(expected[None])), image.size
+
+
+def test_video_pixels_use_the_config_but_no_second_resize():
+    """Frames keep keye-vl-utils' slow/fast sizes (the released processor does not resize videos again); only the
+    rescale and normalisation come from the config, bit-identical to transformers'."""
+    from transformers.image_transforms import normalize, rescale
+    from transformers.image_utils import ChannelDimension
+
+    config = ImageProcessorConfig(max_pixels=3136, **CLIP_STATS)  # a tiny image budget must not shrink frames
+    clip = random_clip(n=4, types=(0, 1, 1, 0), slow_hw=(56, 84), fast_hw=(28, 56))
+    patches, grids = KeyeVLProcessor(image_config=config).encode_video(clip)
+    assert grids == [[1, 4, 6], [1, 2, 4], [1, 2, 4], [1, 4, 6]]
+    first = ChannelDimension.FIRST
+    expected = [
+        normalize(rescale(p.numpy(), 1 / 255, input_data_format=first), *CLIP_STATS.values(), input_data_format=first)
+        for p in clip_pixels(clip)
+    ]
+    assert torch.equal(patches, torch.cat([patchify(torch.from_numpy(e)[None]) for e in expected]))
+
+
+def test_extreme_aspect_after_the_first_resize_is_a_media_error(processor):
+    """29x5800 passes keye-vl-utils' check (ratio 200) but rounds to 28x5796 (207); the released processor's
+    ``smart_resize`` refuses that, so the sample is skipped with a reason rather than crashing a worker."""
+    with pytest.raises(MediaError) as err:
+        processor.encode_image(Image.new("RGB", (5800, 29)))
+    assert err.value.reason == "unsupported" and "aspect ratio" in str(err.value)
+
+
+def test_config_is_frozen_and_replaceable():
+    config = dataclasses.replace(ImageProcessorConfig(), max_pixels=401408)
+    assert config.max_pixels == 401408
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_pixels = 1  # type: ignore[misc]

@@ -144,3 +144,20 @@ def test_cli_shards(dataset, tmp_path, capsys):
     rc = keye_main(["shards", "--input", str(tmp_path / "nope.jsonl"), "--media-root", str(root), "--out", str(out)])
     assert rc == 1
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_load_check_applies_the_image_processor_resize_too(tmp_path):
+    """A 5800x29 strip passes keye-vl-utils' resize (ratio 200) but becomes 5796x28 (207), which the released image
+    processor refuses: sharding with the "load" check skips it, as training would."""
+    import io
+
+    from PIL import Image
+
+    from data_pipelines.shards import MediaProblem, check_media_bytes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5800, 29), (200, 30, 30)).save(buf, format="PNG")
+    with pytest.raises(MediaProblem) as err:
+        check_media_bytes("image", buf.getvalue(), "strip.png", "load")
+    assert err.value.reason == "media_unsupported" and "aspect ratio" in str(err.value)
+    check_media_bytes("image", buf.getvalue(), "strip.png", "decode")  # the cheaper checks do not resize

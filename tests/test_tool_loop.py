@@ -17,7 +17,6 @@ from PIL import Image
 
 from keye.configuration import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
 from keye.encoded import IGNORE_INDEX
-from keye.image_processing import image_to_patches
 from keye.inference import ChatEngine, GenerationResult, GenerationSettings
 from keye.processing import KeyeVLProcessor
 from keye.thyme import ToolLoop, ToolLoopConfig, add_thyme_prompt, thyme_conversation
@@ -118,7 +117,7 @@ def test_crop_round_is_spliced_as_an_image_and_generation_continues(tmp_path, im
         assert list(crop.convert("RGB").getdata()) == list(original.convert("RGB").crop(BOX).getdata())
 
     # the crop, processed by the same processor, is the second image of the final sample
-    patches, grid = image_to_patches(processor().load_image_item({"image": rnd.images[0]}, None))
+    patches, grid = processor().encode_image({"image": rnd.images[0]})
     s = traj.sample
     assert s.image_grid_thw.tolist()[1] == grid and s.image_grid_thw.shape[0] == 2
     assert torch.equal(s.pixel_values[-patches.shape[0] :], patches)

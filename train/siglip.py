@@ -339,12 +339,10 @@ class PairEncoder:
         self.processor, self.tokenizer, self.max_text_len = processor, tokenizer, max_text_len
 
     def __call__(self, sample: tuple[dict, dict]) -> tuple[torch.Tensor, list[int], torch.Tensor, str]:
-        from keye.image_processing import image_to_patches
-
         record, media = sample
         messages = with_media_bytes(record, media)
         item = next(i for m in messages if m["role"] == "user" for i in m["content"] if i.get("type") == "image")
-        patches, grid = image_to_patches(self.processor.load_image_item(item, None))
+        patches, grid = self.processor.encode_image(item)
         ids = self.tokenizer(caption_of(record), max_length=self.max_text_len, truncation=True, padding="max_length")[
             "input_ids"
         ]

@@ -16,7 +16,6 @@ import torch
 
 from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from keye.encoded import IGNORE_INDEX, EncodedSample
-from keye.image_processing import image_to_patches
 from keye.processing import MERGE, KeyeVLProcessor
 from keye.reasoning import extract_final_answer
 from keye.rope import multimodal_position_ids
@@ -139,7 +138,7 @@ class TrajectoryState:
         tok = self.processor.tokenizer
         self._add_fixed(tok.encode(OPEN, add_special_tokens=False))
         for path in images:
-            patches, grid = image_to_patches(self.processor.load_image_item({"image": path}, None))
+            patches, grid = self.processor.encode_image({"image": path})
             self.img_patches.append(patches)
             self.img_grids.append(grid)
             self._add_fixed(self.processor.image_ids(grid))
