@@ -31,8 +31,10 @@ ATTN_IMPLEMENTATION = "keye_varlen"  # the name registered with transformers' At
 def _flash_attn_func():
     if importlib.util.find_spec("flash_attn") is None:
         return None
-    from flash_attn import flash_attn_varlen_func
-
+    try:  # (a try block also keeps transformers' remote-code import check from requiring flash-attn)
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
     return flash_attn_varlen_func
 
 

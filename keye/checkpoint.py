@@ -16,6 +16,10 @@ from safetensors.torch import load_file
 
 from keye.configuration import KeyeVisionConfig, KeyeVLConfig
 
+# The released layout's unused 32768-row vision table: vLLM's strict loader expects it, so every checkpoint written
+# here carries it as zeros (KeyeVLForConditionalGeneration.save_pretrained, keye.merge); loading drops it.
+PACKING_TABLE_KEY = "visual.vision_model.embeddings.packing_position_embedding.weight"
+PACKING_TABLE_ROWS = 32768
 # Keys present in released or SigLIP checkpoints that the 1.5 architecture does not use (dropped with a report).
 UNUSED_KEY_PATTERNS = (
     r"(^|\.)head\.",  # SigLIP attention-pooling head

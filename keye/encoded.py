@@ -40,6 +40,15 @@ class EncodedSample:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def visual_inputs(self) -> dict[str, torch.Tensor | None]:
+        """Patches and grids as the model's ``forward``/``generate`` take them (with ``input_ids[None]``)."""
+        return {
+            "pixel_values": self.pixel_values,
+            "image_grid_thw": self.image_grid_thw,
+            "pixel_values_videos": self.pixel_values_videos,
+            "video_grid_thw": self.video_grid_thw,
+        }
+
     @property
     def num_label_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())

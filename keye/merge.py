@@ -20,10 +20,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from keye.checkpoint import PACKING_TABLE_KEY, PACKING_TABLE_ROWS
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # config.json keys that do not describe the architecture (provenance, storage dtype).
 VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
 DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def _vision_width(directory: Path) -> int:
+    return int(json.loads((directory / "config.json").read_text())["vision_config"]["hidden_size"])
 
 
 class MergeError(ValueError):
@@ -170,6 +176,11 @@ def _plan_shards(keys: list[str], source: _Tensors, max_bytes: int) -> list[list
 
 
 def _copy_side_files(src: Path, out: Path) -> None:
+    """Processor, tokenizer and other files from ``src``; config.json and remote code in the released layout
+    (rewritten from ``src``'s config, so merging checkpoints of an earlier version gives a current one)."""
+    from keye.configuration import KeyeVLConfig
+    from keye.remote_code import write_remote_code
+
     for path in src.iterdir():
         skip = path.name in (*WEIGHT_FILES, "merge_info.json", "pytorch_model.bin.index.json")
         if skip or path.name.endswith((".safetensors", ".bin")):
@@ -179,6 +190,8 @@ def _copy_side_files(src: Path, out: Path) -> None:
             shutil.copytree(path, target, dirs_exist_ok=True)
         else:
             shutil.copy2(path, target)
+    KeyeVLConfig.from_pretrained(str(src)).save_pretrained(str(out))
+    write_remote_code(out)
 
 
 def merge_checkpoints(
@@ -210,6 +223,10 @@ def merge_checkpoints(
     for i, shard_keys in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         merged = {}
+        if i == len(shards) - 1 and PACKING_TABLE_KEY not in keys:  # earlier versions' checkpoints lack it
+            like = sources[0].get(keys[0])
+            merged[PACKING_TABLE_KEY] = torch.zeros(PACKING_TABLE_ROWS, _vision_width(dirs[0]), dtype=like.dtype)
+            weight_map[PACKING_TABLE_KEY] = name
         for key in shard_keys:
             merged[key] = average_tensors([s.get(key) for s in sources], w, key).contiguous()
             n_params += merged[key].numel()

@@ -19,14 +19,18 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from keye.attention import ATTN_IMPLEMENTATION, register_with_transformers
+from keye.checkpoint import PACKING_TABLE_KEY, PACKING_TABLE_ROWS
 from keye.compat import cache_kwarg, output_cache, take_cache
 from keye.configuration import KeyeVLConfig
 from keye.loss import chunked_cross_entropy
+from keye.remote_code import write_remote_code
 from keye.rope import MultimodalRotaryEmbedding, VisionRotaryEmbedding, multimodal_position_ids, split_frames
 from keye.sequence_parallel import SequenceShard, shifted_cross_entropy
 from keye.vision import KeyeProjector, KeyeVisionModel
 
 register_with_transformers()
+
+PATCH_WEIGHT_KEY = "visual.vision_model.embeddings.patch_embedding.weight"
 
 
 def _init_rotary_buffers(module: nn.Module) -> None:
@@ -151,6 +155,8 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
     """The whole model. Inputs come from ``KeyeVLProcessor``; see ``forward`` for shapes."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # written for the released layout's readers (see save_pretrained), never used by the model
+    _keys_to_ignore_on_load_unexpected = [r"packing_position_embedding", r"vision_model\.head\."]
 
     def __init__(self, config: KeyeVLConfig) -> None:
         super().__init__(config)
@@ -173,17 +179,22 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         return build_from_components(cls, llm_dir, vit_dir, **config_overrides)
 
     # --- transformers plumbing -------------------------------------------------------------------------------
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, state_dict=None, **kwargs):
+        """The released Keye-VL 1.5 layout: weights + config.json (``keye.configuration``) + remote code.
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.lm_head = value
+        The released checkpoints carry an unused 32768-row ``packing_position_embedding`` table that vLLM's strict
+        loader expects; it is written as zeros (ignored when loading here).
+        """
+        if is_main_process:
+            state = dict(state_dict) if state_dict is not None else dict(self.state_dict())
+            if PACKING_TABLE_KEY not in state:
+                like = state.get(PATCH_WEIGHT_KEY)
+                rows = (PACKING_TABLE_ROWS, self.config.vision_config.hidden_size)
+                state[PACKING_TABLE_KEY] = torch.zeros(rows, dtype=like.dtype if like is not None else self.dtype)
+            state_dict = state
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+        if is_main_process:
+            write_remote_code(save_directory)
 
     # --- vision ----------------------------------------------------------------------------------------------
     def encode_visual(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ class KeyeVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         weight = self.patch_embedding.weight
-        x = F.linear(pixel_values.to(weight.dtype), weight.flatten(1), self.patch_embedding.bias)
+        # patches arrive flat [N, 3·p·p] (ours) or as [N, 3, p, p] (the released processor's layout); same order
+        x = F.linear(pixel_values.flatten(1).to(weight.dtype), weight.flatten(1), self.patch_embedding.bias)
         # One interpolation per distinct grid size; repeated for every frame that shares it.
         sizes = [tuple(s) for s in grid_thw[:, 1:].tolist()]
         cache = {hw: self.interpolated_positions(*hw) for hw in dict.fromkeys(sizes)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from keye.configuration import load_model_config
+from keye.model_config import load_model_config
 from tools.bench_train import TINY_SHAPE, main, video_row
 
 

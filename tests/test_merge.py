@@ -82,7 +82,7 @@ def test_weight_errors():
 
 def test_architecture_key_and_shape_mismatches(ckpts, tmp_path):
     wider = _save(tmp_path / "wider", 4, intermediate_size=96)
-    with pytest.raises(MergeError, match=r"different architecture.*text_config.intermediate_size: 128 vs 96"):
+    with pytest.raises(MergeError, match=r"different architecture.*: intermediate_size: 128 vs 96"):
         merge_checkpoints([ckpts[0], wider], tmp_path / "o1")
 
     missing = _save(tmp_path / "missing", 5)

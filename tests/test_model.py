@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keye.configuration import KeyeVLConfig, load_model_config
+from keye.configuration import KeyeVLConfig
 from keye.encoded import IGNORE_INDEX
+from keye.model_config import load_model_config
 from keye.modeling import KeyeVLForConditionalGeneration
 from tests.spine_fixtures import micro_config, random_clip, random_image
 
@@ -29,14 +30,7 @@ def _conv(*items, text="Describe."):
 
 
 def _forward(model, sample, **kw):
-    return model(
-        input_ids=sample.input_ids[None],
-        pixel_values=sample.pixel_values,
-        image_grid_thw=sample.image_grid_thw,
-        pixel_values_videos=sample.pixel_values_videos,
-        video_grid_thw=sample.video_grid_thw,
-        **kw,
-    )
+    return model(input_ids=sample.input_ids[None], **sample.visual_inputs(), **kw)
 
 
 def test_config_round_trip(tmp_path):

@@ -111,7 +111,8 @@ def load_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str):
     per rank 3.0 GB vs 2.1 GB in bf16, 5.8 vs 5.7 GB in fp32, and 1.5-2x slower), so it is not used. Extrapolated
     from those figures (~2.2 bytes per parameter in bf16), an 8B model peaks near 19 GB of host memory per rank."""
     from keye.auto import register
-    from keye.configuration import KeyeVLConfig, load_model_config
+    from keye.configuration import KeyeVLConfig
+    from keye.model_config import load_model_config
     from keye.modeling import KeyeVLForConditionalGeneration
     from keye.processing import KeyeVLProcessor
 

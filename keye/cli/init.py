@@ -27,7 +27,7 @@ def init_checkpoint(
     import torch
 
     from keye.auto import register
-    from keye.configuration import load_model_config
+    from keye.model_config import load_model_config
     from keye.modeling import KeyeVLForConditionalGeneration
     from keye.processing import KeyeVLProcessor
     from keye.tokenizer import load_tokenizer
