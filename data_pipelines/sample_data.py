@@ -249,6 +249,26 @@ def make_sample_data(root: str | Path, n_images: int = 12, seed: int = 0) -> Sam
     return SampleDataReport(str(root), counts)
 
 
+def balance_answers(items: list[tuple[list[str], str]], rng: random.Random) -> list[tuple[list[str], str]]:
+    """``(options, correct option text)`` → ``(options, correct letter)`` with every letter correct equally often
+    (±1) among items with the same number of options, as ``keye eval-filter`` rebalances a filtered set: the
+    correct option is swapped into a seeded, balanced position, the other options keep their order."""
+    out: list[tuple[list[str], str] | None] = [None] * len(items)
+    by_k: dict[int, list[int]] = {}
+    for i, (options, _) in enumerate(items):
+        by_k.setdefault(len(options), []).append(i)
+    for k, group in sorted(by_k.items()):
+        offset = rng.randrange(k)  # a group smaller than k must not always start at A
+        targets = [(offset + j) % k for j in range(len(group))]
+        rng.shuffle(targets)
+        for i, target in zip(group, targets):
+            options, correct = list(items[i][0]), items[i][1]
+            cur = options.index(correct)
+            options[cur], options[target] = options[target], options[cur]
+            out[i] = (options, LETTERS[target])
+    return [o for o in out if o is not None]
+
+
 def write_eval_fixtures(
     out: Path, media: Path, images: list[tuple[str, str, str]], videos: list[tuple[str, int]], text_rel: str, seed: int
 ) -> dict[str, int]:
@@ -256,30 +276,30 @@ def write_eval_fixtures(
     rng = random.Random(seed)
     counts: dict[str, int] = {}
 
-    # TIME: our documented JSONL record, five dimensions.
-    time_rows = []
+    # TIME: our documented JSONL record, five dimensions; correct letters balanced per option count.
+    time_specs = []  # (id, dimension, video, options, correct option)
     dims = ("Dynamic", "Reasoning", "Duration", "Location", "Order")
     for i, (rel, cuts) in enumerate(videos):
         for j, dim in enumerate(dims):
-            options = (
-                [str(cuts), str(cuts + 1), str(cuts + 2)]
-                if dim in ("Duration", "Location")
-                else [str(cuts), str(cuts + 1), str(cuts + 2), str(cuts + 3)]
-            )
+            options = [str(cuts + d) for d in range(3 if dim in ("Duration", "Location") else 4)]
             rng.shuffle(options)
-            time_rows.append(
-                {
-                    "id": f"time-{i}-{j}",
-                    "dimension": dim,
-                    "video_path": str((media / rel).resolve()),
-                    "clip_start": 0.0,
-                    "clip_end": 4.0,
-                    "question": "How many scene cuts happen in the clip?",
-                    "options": options,
-                    "answer": LETTERS[options.index(str(cuts))],
-                    "source_dataset": "synthetic",
-                }
-            )
+            time_specs.append((f"time-{i}-{j}", dim, rel, options, str(cuts)))
+    time_rows = [
+        {
+            "id": rid,
+            "dimension": dim,
+            "video_path": str((media / rel).resolve()),
+            "clip_start": 0.0,
+            "clip_end": 4.0,
+            "question": "How many scene cuts happen in the clip?",
+            "options": options,
+            "answer": letter,
+            "source_dataset": "synthetic",
+        }
+        for (rid, dim, rel, _, _), (options, letter) in zip(
+            time_specs, balance_answers([(o, c) for *_, o, c in time_specs], rng)
+        )
+    ]
     counts["eval_time"] = _write_jsonl(out / "time" / "timebench.jsonl", time_rows)
 
     # KC-MMBench: subsets/*.tsv with list-literal frame paths under images/.
@@ -309,29 +329,23 @@ def write_eval_fixtures(
                 n_kc += 1
     counts["eval_kc_mmbench"] = n_kc
 
-    # Generic video MCQ (Video-MME-like JSONL).
-    mcq = []
-    for i, (rel, cuts) in enumerate(videos):
-        options = [str(cuts), str(cuts + 2), str(max(cuts - 1, 0) + 5), str(cuts + 1)]
-        mcq.append(
-            {
-                "id": f"mcq-{i}",
-                "video": str((media / rel).resolve()),
-                "question": "How many scene cuts?",
-                "options": options,
-                "answer": "A",
-                "category": "counting",
-            }
-        )
-    mcq.append(
+    # Generic video MCQ (the README's video_mcq JSONL); correct letters balanced per option count (A-D all used).
+    mcq_specs = [  # (id, video, question, options, correct option, category)
+        (f"mcq-{i}", rel, "How many scene cuts?", [str(cuts + d) for d in (0, 2, 5, 1)], str(cuts), "counting")
+        for i, (rel, cuts) in enumerate(videos)
+    ]
+    mcq_specs.append(("mcq-text", text_rel, "Is there text on screen?", ["yes", "no"], "yes", "ocr"))
+    balanced = balance_answers([(o, c) for _, _, _, o, c, _ in mcq_specs], random.Random(f"video_mcq:{seed}"))
+    mcq = [
         {
-            "id": "mcq-text",
-            "video": str((media / text_rel).resolve()),
-            "question": "Is there text on screen?",
-            "options": ["yes", "no"],
-            "answer": "A",
-            "category": "ocr",
+            "id": rid,
+            "video": str((media / rel).resolve()),
+            "question": question,
+            "options": options,
+            "answer": letter,
+            "category": category,
         }
-    )
+        for (rid, rel, question, _, _, category), (options, letter) in zip(mcq_specs, balanced)
+    ]
     counts["eval_video_mcq"] = _write_jsonl(out / "video_mcq" / "videos.jsonl", mcq)
     return counts

@@ -69,3 +69,39 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and "unknown key 'text_config.bogus'" in err[0]
     assert main(["chat", "--model", str(tmp_path / "missing"), "hi"]) == 1
     assert "not a Keye checkpoint" in capsys.readouterr().err
+
+
+def test_generated_sft_data_fits_its_modes_by_check_data(sample_root, capsys):
+    code = main(["check-data", "--input", str(sample_root / "sft.jsonl"), "--media-root", str(sample_root / "media")])
+    assert code == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary == "SFT modes: thinking 4, non_thinking 4, auto_think 4, think_with_image 4, video 8; fit none 0"
+
+
+def test_generated_mcq_fixtures_balance_the_correct_letters(sample_root):
+    """Correct letters are spread over every letter (not all 'A'), seeded, and still name the right option."""
+    import random
+    from collections import Counter
+
+    from data_pipelines.sample_data import balance_answers
+
+    mcq = _records(sample_root / "eval" / "video_mcq" / "videos.jsonl")
+    counting = [r for r in mcq if r["category"] == "counting"]
+    assert sorted(r["answer"] for r in counting) == ["A", "B", "C", "D"]
+    cuts = {"cuts_0.mp4": "0", "cuts_1.mp4": "1", "cuts_2.mp4": "3", "cuts_3.mp4": "4"}
+    for r in counting:
+        assert r["options"]["ABCD".index(r["answer"])] == cuts[r["video"].rsplit("/", 1)[-1]]
+    (text,) = [r for r in mcq if r["category"] == "ocr"]
+    assert text["options"]["AB".index(text["answer"])] == "yes"
+    time_rows = _records(sample_root / "eval" / "time" / "timebench.jsonl")
+    for k in (3, 4):
+        letters = Counter(r["answer"] for r in time_rows if len(r["options"]) == k)
+        assert set(letters) == set("ABCD"[:k]) and max(letters.values()) - min(letters.values()) <= 1
+    for r in time_rows:
+        assert r["options"]["ABCD".index(r["answer"])] == cuts[r["video_path"].rsplit("/", 1)[-1]]
+
+    items = [([str(i), "x", "y"], str(i)) for i in range(7)]
+    first = balance_answers(items, random.Random(1))
+    assert first == balance_answers(items, random.Random(1))
+    assert all(opts["ABC".index(letter)] == str(i) for i, (opts, letter) in enumerate(first))
+    assert sorted(Counter(letter for _, letter in first).values()) == [2, 2, 3]

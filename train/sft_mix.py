@@ -6,7 +6,8 @@ thinking + 80K non-thinking video).  A mix YAML lists sources, each with shard p
 :data:`SFT_MODES`; :func:`load_mix` validates it and :meth:`SFTMix.data_sources` gives the trainer's
 ``data.sources`` entries.  A sample whose response breaks its mode's grammar (a "thinking" sample without
 ``<think>``, a non-thinking one with it, a think-with-image one without a code round) would teach the wrong
-format, so :func:`filter_by_mode` names the problem and :class:`ModeFilter` counts the drops per reason.
+format, so :func:`filter_by_mode` names the problem (the rules live in :mod:`keye.sft_modes`, shared with
+``keye check-data``) and :class:`ModeFilter` counts the drops per reason.
 """
 
 from __future__ import annotations
@@ -17,17 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keye.reasoning import mode_of, normalize_mode, response_fits_mode
+from keye.sft_modes import SFT_MODES, fit_modes
 from keye.typed_config import ConfigError, load_config
 
-# SFT mode -> reasoning grammar (None: the record's own think/no_think/auto decides, as for video)
-SFT_MODES: dict[str, str | None] = {
-    "thinking": "think",
-    "non_thinking": "no_think",
-    "auto_think": "auto",
-    "think_with_image": "think",
-    "video": None,
-}
+__all__ = ["SFT_MODES", "MixSource", "ModeFilter", "SFTMix", "filter_by_mode", "load_mix"]
 
 
 @dataclass
@@ -93,75 +87,16 @@ def load_mix(path: str | Path, overrides: list[str] | None = None) -> SFTMix:
 
 
 # ------------------------------------------------------------------------------------------------- the filter
-def _text_of(content: Any) -> str:
-    """An assistant turn as text; images (Thyme sandbox outputs) become ``<image>``."""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for item in content or []:
-        if item.get("type") == "text":
-            parts.append(str(item.get("text", "")))
-        else:
-            parts.append(f"<{item.get('type')}>")
-    return "".join(parts)
-
-
-def _last(record: Mapping[str, Any], role: str) -> Mapping[str, Any] | None:
-    for msg in reversed(record.get("messages") or []):
-        if msg.get("role") == role:
-            return msg
-    return None
-
-
-def _has_item(record: Mapping[str, Any], kind: str) -> bool:
-    for msg in record.get("messages") or []:
-        content = msg.get("content")
-        if msg.get("role") == "user" and isinstance(content, list) and any(i.get("type") == kind for i in content):
-            return True
-    return False
-
-
-def _declared_mode(record: Mapping[str, Any]) -> str | None:
-    """The record's reasoning mode: its ``mode`` field, else the suffix on its last user turn (None if neither)."""
-    if record.get("mode") is not None:
-        return normalize_mode(record["mode"])
-    user = _last(record, "user")
-    if user is None:
-        return None
-    suffixed = mode_of(_text_of(user.get("content")))
-    return suffixed if suffixed != "auto" else None
-
-
 def filter_by_mode(record: Mapping[str, Any], sft_mode: str | None = None) -> str | None:
     """``None`` when the record's response fits its SFT mode, else ``"<mode>: <reason>"`` (a counting key).
 
     ``sft_mode`` is the source's mode from the mix; without it the record's ``source`` field is used when it
-    names an SFT mode.  The reasoning grammar follows from the SFT mode (video: from the record's own mode).
+    names an SFT mode. The rules are :func:`keye.sft_modes.fit_modes`' (the ones ``keye check-data`` reports).
     """
-    sft_mode = sft_mode or (record.get("source") if record.get("source") in SFT_MODES else None)
-    if sft_mode is None:
-        return "unknown: no SFT mode (pass the source's mode or set 'source' to one of the SFT modes)"
-    if sft_mode not in SFT_MODES:
+    sft_mode = sft_mode or None
+    if sft_mode is not None and sft_mode not in SFT_MODES:
         return f"unknown: SFT mode {sft_mode!r} is not one of {sorted(SFT_MODES)}"
-    try:
-        declared = _declared_mode(record)
-    except ValueError as exc:
-        return f"{sft_mode}: {exc}"
-    grammar = SFT_MODES[sft_mode] or declared or "auto"
-    if declared is not None and declared != grammar:
-        return f"{sft_mode}: record mode {declared!r} disagrees with the source mode (expects {grammar!r})"
-    reply = _last(record, "assistant")
-    if reply is None:
-        return f"{sft_mode}: no assistant turn"
-    text = _text_of(reply.get("content"))
-    problem = response_fits_mode(text, grammar)
-    if problem:
-        return f"{sft_mode}: {problem}"
-    if sft_mode == "think_with_image" and "<code>" not in text:
-        return f"{sft_mode}: no <code> round in the reasoning"
-    if sft_mode == "video" and not _has_item(record, "video"):
-        return f"{sft_mode}: no video in the user turns"
-    return None
+    return fit_modes(record, sft_mode).problem
 
 
 class ModeFilter:

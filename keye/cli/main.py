@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("keye.cli.chat", "stream an answer from a checkpoint about an image or a video"),
     "video-info": ("keye.cli.video_info", "what the model sees of a video: sampled frames, slow/fast, sizes, tokens"),
     "shards": ("keye.cli.shards", "write webdataset shards + manifest + skip report from JSONL and media"),
+    "check-data": ("keye.cli.check_data", "which SFT mode each JSONL record fits, and why a record fits none"),
     "sandbox": ("keye.cli.sandbox", "run one Thyme code block in the sandbox (status, stdout, error, images)"),
     "eval": ("keye.cli.eval", "benchmark scores: predictions.jsonl, results.json, report.md"),
     "eval-filter": ("keye.cli.eval_filter", "drop video-MCQ items answerable from one frame, rebalance letters"),

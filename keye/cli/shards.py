@@ -1,4 +1,5 @@
-"""``keye shards``: JSONL conversations + media → webdataset shards, manifest and skip report."""
+"""``keye shards``: JSONL conversations + media → webdataset shards, manifest and skip report, then how many of the
+written records fit each SFT mode (``keye check-data`` gives the per-record detail)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from data_pipelines.shards import write_shards
+    from keye.sft_modes import ModeTally, fit_modes
 
+    tally = ModeTally()
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     report = write_shards(
         args.input,
@@ -38,8 +41,13 @@ def run(args: argparse.Namespace) -> int:
         default_source=args.default_source,
         prefix=args.prefix,
         progress=not args.no_progress,
+        on_record=lambda record: tally.add(fit_modes(record)),
     )
     print(report.summary())
     if report.num_skipped:
         print(f"skip details: {args.out}/skipped.jsonl")
+    # Which SFT mode each written record fits (informational: pretraining data need not fit any).
+    print(tally.summary())
+    if tally.fit_none:
+        print(f"per-record reasons: keye check-data --input {args.input}")
     return 0
