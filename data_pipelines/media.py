@@ -6,7 +6,9 @@ them here, in one small module, is the agreed interface between the two.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +20,8 @@ FAST = 1
 class MediaError(ValueError):
     """A video or image that cannot be used; callers count ``reason`` and skip the sample.
 
-    ``reason`` is a short machine-friendly tag: ``missing``, ``empty``, ``corrupt``, ``no_video``, ``too_short``,
-    ``too_large``, ``mixed_sizes`` or ``unsupported``.
+    ``reason`` is a short machine-friendly tag: ``missing``, ``empty``, ``corrupt``, ``no_video`` (no video stream,
+    or a still image such as a JPEG named ``.mp4``), ``too_short``, ``too_large``, ``mixed_sizes`` or ``unsupported``.
     """
 
     def __init__(self, reason: str, message: str, path: str | None = None) -> None:
@@ -52,6 +54,13 @@ def timestamp_text(seconds: float) -> str:
     return format(float(np.float32(seconds)), ".1f")
 
 
+def size_text(hw: Sequence[int]) -> str:
+    """A ``(height, width)`` pair as people read sizes, width first and labelled: ``(560, 1008)`` → "1008x560 (w×h)".
+    JSON keeps ``[height, width]`` (``slow_hw``, ``fast_hw``); every human-readable size is printed with this."""
+    height, width = hw
+    return f"{width}x{height} (w×h)"
+
+
 @dataclass
 class VideoOptions:
     """Per-video reading options (keys as in a message's ``{"type": "video", ...}`` item)."""
@@ -79,6 +88,20 @@ class VideoOptions:
     @property
     def sample_fps(self) -> float:
         return DEFAULT_FPS if self.fps is None else float(self.fps)
+
+    @property
+    def frame_cap(self) -> int:
+        """Most frames sampled from one video: ``video_total_pixels / min_pixels`` (1365 by default), lowered by
+        ``max_frames``."""
+        cap = int(self.video_total_pixels / self.min_pixels)
+        return cap if self.max_frames is None else min(int(self.max_frames), cap)
+
+    def for_item(self, item: Mapping[str, Any]) -> VideoOptions:
+        """The options a message's video item is read with: these, with the item's own keys (``fps``,
+        ``max_frames``, …) replacing them; other keys (``type``, ``video``) are ignored. The processor applies it to
+        its ``config.video``; ``keye video-info`` applies it to a checkpoint's (or the defaults) and its flags."""
+        known = {f.name for f in fields(VideoOptions)}
+        return replace(self, **{k: v for k, v in item.items() if k in known})
 
 
 @dataclass

@@ -41,7 +41,7 @@ def smart_resize(
     yield a one-token-wide strip).
     """
     if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
+        raise ValueError(f"image size must be positive, got {width}x{height} (w×h)")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise ValueError(
             f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width)}"

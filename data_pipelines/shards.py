@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,25 +137,31 @@ def check_media_bytes(
             return
         import av
 
+        from data_pipelines.video_reader import image_format
+
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            still = image_format(container)  # a picture renamed .mp4 opens as a one-frame "video"
             decoded = 0
             for _ in container.decode(stream):
                 decoded += 1
-                if depth == "open":
+                if depth == "open" and (still is None or decoded > 1):
                     break
             if decoded == 0:
                 raise ValueError("no decodable frame")
+        if still is not None and decoded == 1:
+            raise MediaProblem("corrupt_media", f"{name}: is an image ({still}), not a video")
     except MediaProblem:
         raise
     except Exception as exc:  # PIL/PyAV raise many types for bad bytes
         raise MediaProblem("corrupt_media", f"{name}: cannot decode {kind}: {type(exc).__name__}: {exc}") from exc
 
 
-def _read_media(root: Path, rel: str, kind: str, check: str, options: dict[str, Any]) -> bytes:
+def _media_path(root: Path, rel: str, kind: str) -> Path:
+    """``root / rel`` if it has a ``kind`` extension and is an existing file, else ``MediaProblem``."""
     ext = _ext(rel)
     allowed = IMAGE_EXTS if kind == "image" else VIDEO_EXTS
     if ext not in allowed:
@@ -164,11 +171,28 @@ def _read_media(root: Path, rel: str, kind: str, check: str, options: dict[str, 
     path = root / rel
     if not path.is_file():
         raise MediaProblem("missing_media", f"{rel}: no such file under {root}")
-    data = path.read_bytes()
+    return path
+
+
+def _read_media(root: Path, rel: str, kind: str, check: str, options: dict[str, Any]) -> bytes:
+    data = _media_path(root, rel, kind).read_bytes()
     if not data:
         raise MediaProblem("empty_media", f"{rel}: file is empty")
     check_media_bytes(kind, data, rel, check, options)
     return data
+
+
+def check_media_files(record: SampleRecord, root: str | os.PathLike) -> None:
+    """Raise ``MediaProblem`` for the first media file of ``record`` with a wrong extension, missing under ``root``
+    or empty (the checks ``write_shards`` makes before decoding; nothing is read or decoded here)."""
+    root = Path(root)
+    for item in record.media_items():
+        paths = item.video if item.type == "video" and isinstance(item.video, list) else [item.media]
+        kind = "image" if item.type == "image" or isinstance(item.video, list) else "video"
+        for rel in paths:
+            assert isinstance(rel, str)
+            if _media_path(root, rel, kind).stat().st_size == 0:
+                raise MediaProblem("empty_media", f"{rel}: file is empty")
 
 
 def _collect_media(record: SampleRecord, root: Path, check: str) -> dict[str, bytes]:
@@ -240,11 +264,13 @@ def write_shards(
     default_source: str | None = None,
     prefix: str = "shard",
     progress: bool = True,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> ShardReport:
     """Convert a JSONL file of sample records into webdataset shards under ``out_dir``.
 
     Writes ``{prefix}-NNNNNN.tar``, ``manifest.json`` and ``skipped.jsonl``; returns the report. ``media_check``
     is ``none``, ``open`` (header + first frame), ``decode`` (every frame) or ``load`` (the trainer's loaders).
+    ``on_record`` is called with every record written (as stored, media references rewritten to member names).
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -296,7 +322,10 @@ def write_shards(
                 bar.set_postfix(skipped=report.num_skipped, refresh=False)
                 continue
             seen_ids.add(record.id)
-            sink.write(f"{report.num_samples:09d}", record.to_dict(), media)
+            stored = record.to_dict()
+            sink.write(f"{report.num_samples:09d}", stored, media)
+            if on_record is not None:
+                on_record(stored)
             report.num_samples += 1
             report.per_source[record.source] += 1
         bar.close()

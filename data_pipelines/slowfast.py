@@ -78,7 +78,7 @@ def frame_features(frame: torch.Tensor) -> FrameFeatures:
         raise ValueError(f"expected a frame [3, h, w], got {list(frame.shape)}")
     _, h, w = frame.shape
     if h % PATCH_SIZE or w % PATCH_SIZE:
-        raise ValueError(f"frame size {h}x{w} is not a multiple of {PATCH_SIZE}")
+        raise ValueError(f"frame size {w}x{h} (w×h) is not a multiple of {PATCH_SIZE}")
     hsv = torch.from_numpy(cv2.cvtColor(_hwc(frame), cv2.COLOR_RGB2HSV))  # [h, w, 3] uint8
     ph, pw = h // PATCH_SIZE, w // PATCH_SIZE
     patches = hsv.reshape(ph, PATCH_SIZE, pw, PATCH_SIZE * 3).permute(0, 2, 1, 3).reshape(ph * pw, -1).float()

@@ -36,6 +36,7 @@ from av.video.reformatter import VideoReformatter
 
 from .image_reader import load_image
 from .media import SLOW, MediaError, VideoClip, VideoOptions, frame_timestamp
+from .native_log import captured_native_stderr
 from .overlap import read_ahead, run_single_threaded
 from .slowfast import (
     FrameFeatures,
@@ -109,10 +110,7 @@ def sample_indices(num_frames: int, native_fps: float, options: VideoOptions, la
             label,
         )
     fps = min(options.sample_fps, native_fps)
-    max_frames = int(options.video_total_pixels / options.min_pixels)
-    if options.max_frames is not None:
-        max_frames = min(int(options.max_frames), max_frames)
-    nframes = min(int(count / native_fps * fps), max_frames)
+    nframes = min(int(count / native_fps * fps), options.frame_cap)
     if nframes <= 0:
         raise MediaError(
             "too_short",
@@ -138,8 +136,36 @@ def _av_video_stream(container: av.container.InputContainer, label: str) -> av.v
     return container.streams.video[0]
 
 
+# FFmpeg's still-image demuxers: "image2"/"image2pipe" (by an image file name) and "<codec>_pipe" (by content:
+# jpeg_pipe, png_pipe, webp_pipe, bmp_pipe, tiff_pipe, …), plus "gif". Each opens one picture as a one-frame
+# "video" at a made-up 25 fps, which the sampler would report as too short to sample.
+_IMAGE_CODEC_NAMES = {"mjpeg": "JPEG", "png": "PNG", "webp": "WebP", "bmp": "BMP", "gif": "GIF", "tiff": "TIFF"}
+
+
+def image_format(container: av.container.InputContainer) -> str | None:
+    """The picture format ("JPEG", "PNG", …) when FFmpeg opened ``container`` with a still-image demuxer (an image
+    file, whatever its name), else None. Real videos, one-frame ones and MJPEG-in-AVI included, have a container
+    demuxer (mov/mp4, matroska, avi, …) and give None."""
+    name = container.format.name
+    if name not in ("image2", "image2pipe", "gif") and not name.endswith("_pipe"):
+        return None
+    stream = container.streams.video[0] if container.streams.video else None
+    codec = stream.codec_context.name if stream is not None else ""
+    return _IMAGE_CODEC_NAMES.get(codec, codec.upper() or name)
+
+
+class NotAVideoError(MediaError):
+    """The file is a still image (reason ``no_video``); no other backend is tried."""
+
+    def __init__(self, kind: str, label: str) -> None:
+        super().__init__("no_video", f"is an image ({kind}), not a video", label)
+
+
 def _av_probe(source: str | bytes, label: str) -> tuple[VideoMeta, list[int]]:
-    """Frame count, average fps and presentation timestamps in display order (one demux pass, no decoding)."""
+    """Frame count, average fps and presentation timestamps in display order (one demux pass, no decoding).
+
+    A still image (a JPEG or PNG renamed ``.mp4``: one frame through an image demuxer) raises ``NotAVideoError``;
+    an image demuxer yielding several frames (an animated GIF, concatenated JPEGs) is read as a video."""
     with _av_open(source, label) as container:
         stream = _av_video_stream(container, label)
         try:
@@ -147,6 +173,9 @@ def _av_probe(source: str | bytes, label: str) -> tuple[VideoMeta, list[int]]:
         except av.error.FFmpegError as exc:
             raise MediaError("corrupt", f"cannot read packets: {exc}", label) from exc
         rate = stream.average_rate or stream.guessed_rate
+        kind = image_format(container)
+    if kind is not None and len(pts) <= 1:
+        raise NotAVideoError(kind, label)
     if not pts:
         raise MediaError("empty", "video stream holds no frames", label)
     fps = float(rate) if rate else 0.0
@@ -202,7 +231,9 @@ def _decord_open(source: str | bytes, label: str):
     except ImportError as exc:  # optional, as in keye-vl-utils
         raise MediaError("unsupported", "decord is not installed", label) from exc
     try:
-        return decord.VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source)
+        # decord's C++ logs go straight to fd 2 (with its build machine's paths): our MediaError says it in one line
+        with captured_native_stderr():
+            return decord.VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source)
     except Exception as exc:  # decord raises its own DECORDError / RuntimeError types
         raise MediaError("corrupt", f"decord cannot open: {str(exc).splitlines()[0]}", label) from exc
 
@@ -234,6 +265,8 @@ def open_video(
         try:
             meta, pts = _av_probe(src, label)
             return meta, lambda idx: _av_frames(src, label, pts, idx, windowed, options.decode_threads)
+        except NotAVideoError:
+            raise  # decord would read the picture as a one-frame video
         except MediaError as exc:
             if backend == "pyav" or exc.reason not in ("corrupt", "no_video", "empty"):
                 raise
@@ -246,8 +279,22 @@ def open_video(
     except MediaError:
         if first_error is not None:
             raise first_error from None
+        _check_not_image(src, label)  # decord fails on pictures with "broken metadata": say what the file is
         raise
+    if meta.num_frames <= 1 and first_error is None:
+        _check_not_image(src, label)
     return meta, lambda idx: _decord_frames(reader, label, idx)
+
+
+def _check_not_image(source: str | bytes, label: str) -> None:
+    """Raise ``NotAVideoError`` if PyAV sees a still image (``backend="decord"``, which cannot tell)."""
+    try:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r") as container:
+            kind = image_format(container)
+    except av.error.FFmpegError:
+        return
+    if kind is not None:
+        raise NotAVideoError(kind, label)
 
 
 def decode_frames(source: str | bytes | os.PathLike, indices: list[int], backend: str = "auto") -> np.ndarray:

@@ -48,9 +48,16 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eval.runner import run_eval
+    from keye.quiet import quiet
 
-    results = run_eval(config_from_args(args))
+    quiet()  # third-party logs and progress bars (KEYE_VERBOSE=1 keeps them)
+    from eval.runner import run_eval
+    from keye.paths import checkpoint_dir
+
+    cfg = config_from_args(args)
+    if cfg.engine == "keye" and cfg.model:
+        checkpoint_dir(cfg.model)  # before any data is read: "did you mean RUN/hf?" for a run or a checkpoint step
+    results = run_eval(cfg)
     if results is not None:
         for name, bench in results["benchmarks"].items():
             o = bench["overall"]

@@ -75,12 +75,11 @@ class ChatEngine:
 
         from keye.auto import register
         from keye.modeling import KeyeVLForConditionalGeneration
+        from keye.paths import checkpoint_dir
         from keye.processing import KeyeVLProcessor
 
+        model_dir = checkpoint_dir(model_dir)  # "did you mean RUN/hf?" when given a run or a checkpoint step
         register()
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir} is not a Keye checkpoint (no config.json)")
         device = device or default_device()
         torch_dtype = torch.float32
         if dtype == "auto" and device.startswith("cuda"):

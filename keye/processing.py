@@ -82,6 +82,18 @@ class ProcessorConfig:
     thyme_final_round_only: bool = True  # Thyme SFT: mask all but the last code round (KEYE_FACTS B §1.4)
 
 
+def load_processor_config(directory: str | Path) -> ProcessorConfig:
+    """``directory/keye_processor_config.json`` (our video options and first-stage image limits), or the defaults
+    when the directory has none (older checkpoints); a bad key is an error naming it and the file. No tokenizer is
+    loaded: ``keye video-info --model`` reads the video options here, as ``from_pretrained`` does."""
+    from keye.typed_config import from_dict
+
+    cfg_path = Path(directory) / PROCESSOR_CONFIG
+    if not cfg_path.is_file():
+        return ProcessorConfig()
+    return from_dict(ProcessorConfig, json.loads(cfg_path.read_text()), str(cfg_path))
+
+
 def normalize_messages(messages: Sequence[dict]) -> list[dict]:
     """Copy of ``messages`` with string content turned into a one-item text list; validates roles and types."""
     out = []
@@ -142,14 +154,8 @@ class KeyeVLProcessor:
     def from_pretrained(cls, directory: str | Path) -> KeyeVLProcessor:
         """Tokenizer, ``preprocessor_config.json`` and ``keye_processor_config.json`` of ``directory``; a missing
         JSON file (older checkpoints) means its defaults, a bad key in one is an error naming it and the file."""
-        from keye.typed_config import from_dict
-
         directory = Path(directory)
-        cfg_path = directory / PROCESSOR_CONFIG
-        config = ProcessorConfig()
-        if cfg_path.is_file():
-            config = from_dict(ProcessorConfig, json.loads(cfg_path.read_text()), str(cfg_path))
-        return cls(load_tokenizer(directory), config, ImageProcessorConfig.load(directory))
+        return cls(load_tokenizer(directory), load_processor_config(directory), ImageProcessorConfig.load(directory))
 
     # --- text ------------------------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -197,9 +203,7 @@ class KeyeVLProcessor:
         return video_to_patches(clip, self.image_config)
 
     def video_options(self, item: dict) -> VideoOptions:
-        known = {f.name for f in dataclasses.fields(VideoOptions)}
-        overrides = {k: v for k, v in item.items() if k in known}
-        return dataclasses.replace(self.config.video, **overrides)
+        return self.config.video.for_item(item)
 
     def load_video_item(self, item: dict, media_root: str | Path | None) -> VideoClip:
         from data_pipelines.video_reader import load_video

@@ -161,3 +161,27 @@ def test_load_check_applies_the_image_processor_resize_too(tmp_path):
         check_media_bytes("image", buf.getvalue(), "strip.png", "load")
     assert err.value.reason == "media_unsupported" and "aspect ratio" in str(err.value)
     check_media_bytes("image", buf.getvalue(), "strip.png", "decode")  # the cheaper checks do not resize
+
+
+@pytest.mark.parametrize("media_check", ["load", "decode", "open"])
+def test_a_jpeg_named_mp4_is_skipped_as_not_a_video(tmp_path, capsys, media_check):
+    """A picture in a video field is skipped with "is an image (JPEG), not a video", not as a too-short video
+    (``media_too_short``, "0.040 s of video"), and the cheap checks no longer let it through."""
+    root = tmp_path / "media"
+    synthetic.write_image(root / "photo.jpg")
+    (root / "photo.mp4").write_bytes((root / "photo.jpg").read_bytes())
+    synthetic.tiny(root / "clip.mp4", seconds=1.0, fps=8.0)
+    text = {"type": "text", "text": "describe"}
+    jsonl = tmp_path / "data.jsonl"
+    lines = [
+        _rec("real", [{"type": "video", "video": "clip.mp4"}, text], source="video"),
+        _rec("photo", [{"type": "video", "video": "photo.mp4"}, text], source="video"),
+    ]
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "shards"
+    argv = ["shards", "--input", str(jsonl), "--media-root", str(root), "--out", str(out), "--no-progress"]
+    assert keye_main([*argv, "--media-check", media_check]) == 0
+    assert "corrupt_media=1" in capsys.readouterr().out
+    (skipped,) = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped["id"] == "photo" and skipped["reason"] == "corrupt_media"
+    assert skipped["detail"].startswith("photo.mp4: ") and skipped["detail"].endswith("is an image (JPEG), not a video")

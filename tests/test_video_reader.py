@@ -160,6 +160,35 @@ def test_truncated_and_too_short(tmp_path, cuts):
         load_video(b"")
 
 
+@pytest.mark.parametrize("suffix, kind", [(".jpg", "JPEG"), (".png", "PNG")])
+def test_a_picture_named_like_a_video_is_not_a_video(tmp_path, suffix, kind):
+    """PyAV opens a JPEG/PNG as a one-frame "video" (jpeg_pipe/png_pipe, 25 fps): it is reported as an image
+    (reason no_video), from a path, from bytes and on every backend, not as a 0.04 s video too short to sample."""
+    picture = Path(synthetic.write_image(tmp_path / f"photo{suffix}"))
+    renamed = tmp_path / "photo.mp4"
+    renamed.write_bytes(picture.read_bytes())
+    for source, backend in [(str(renamed), "auto"), (str(renamed), "pyav"), (str(renamed), "decord")]:
+        with pytest.raises(MediaError) as err:
+            load_video(source, VideoOptions(backend=backend))
+        assert err.value.reason == "no_video", backend
+        assert str(err.value) == f"{renamed}: is an image ({kind}), not a video"
+    with pytest.raises(MediaError, match=rf"is an image \({kind}\), not a video") as err:
+        load_video(renamed.read_bytes())
+    assert err.value.reason == "no_video"
+
+
+def test_one_frame_videos_and_animations_are_still_videos(tmp_path):
+    """Only a single picture is refused: a one-frame mp4 is a (too short) video, an animated GIF is read."""
+    one = synthetic.moving_shapes(tmp_path / "one.mp4", seconds=0.1, fps=10)
+    with pytest.raises(MediaError) as err:
+        load_video(one)
+    assert err.value.reason == "too_short"
+    frames = [Image.fromarray(np.full((48, 64, 3), 20 * i, np.uint8)) for i in range(10)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    clip = load_video(str(tmp_path / "anim.gif"))
+    assert clip.native_fps == pytest.approx(10.0) and clip.num_frames == 2
+
+
 def test_frame_list(tmp_path):
     paths = synthetic.write_frame_images(tmp_path, num_frames=8, every=4)
     clip = load_video(paths, VideoOptions(fps=1.0))
@@ -214,3 +243,13 @@ def test_timestamps_are_the_released_float32_values():
         fast_hw=(28, 28),
     )
     assert clip.timestamps == [0.0, 4.050000190734863]  # stored as the released FloatTensor holds them
+
+
+def test_decord_failure_prints_nothing_but_our_error(tmp_path, capfd):
+    """decord logs its C++ errors (with its build machine's paths) to fd 2; the user sees only our MediaError."""
+    pytest.importorskip("decord")
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    with pytest.raises(MediaError):
+        load_video(str(bad), VideoOptions(backend="decord"))
+    assert capfd.readouterr().err == ""

@@ -257,6 +257,8 @@ def test_page_in_headless_chromium(server, media, tmp_path):
             )
             assert page.locator("#frames .frame.fast").count() >= 1
             assert page.locator("#frames figcaption").first.text_content().startswith("0.0 s")
+            (sh, sw), (fh, fw) = clip.slow_hw, clip.fast_hw  # [height, width]; shown width first, labelled
+            assert f"slow {sw}x{sh} (w×h), fast {fw}x{fh} (w×h); prompt " in page.text_content("#sizes")
         finally:
             browser.close()
 

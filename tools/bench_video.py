@@ -143,11 +143,14 @@ def main() -> int:
             flush=True,
         )
     if args.long:
+        from data_pipelines.media import size_text
+
         path = _make(args.workdir, "bench_1080p_600s", 600, 5.0, 1080, 1920)
         r = _run("ours", path, cases[-1][2])
         print(
             f"10-min 1080p @5fps (ours only): {r['seconds']:.2f} s, {r['frames']} frames "
-            f"({sum(r['frame_types'])} fast), slow {r['slow_hw']}, fast {r['fast_hw']}, peak RSS {_rss([r])} MB"
+            f"({sum(r['frame_types'])} fast), slow {size_text(r['slow_hw'])}, fast {size_text(r['fast_hw'])}, "
+            f"peak RSS {_rss([r])} MB"
         )
     return 1 if failed else 0
 

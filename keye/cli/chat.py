@@ -43,6 +43,9 @@ def build_conversation(prompt: str, images: list[str], video: str | None, video_
 
 
 def run(args: argparse.Namespace) -> int:
+    from keye.quiet import quiet
+
+    quiet()  # third-party logs and progress bars (KEYE_VERBOSE=1 keeps them)
     from keye.inference import ChatEngine, GenerationSettings, TimedTextStreamer
 
     video_opts = {}

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from keye.quiet import quiet
+
+    quiet()  # third-party logs and progress bars (KEYE_VERBOSE=1 keeps them)
     from keye.inference import ChatEngine
     from keye.web import WebDemo, serve, write_samples
 
