@@ -21,8 +21,11 @@ class ConfigError(ValueError):
     """A config key is unknown, mistyped, or a file cannot be read; the message names the key and the source."""
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; ``_base_: other.yaml`` (relative to the file) is merged underneath."""
+def yaml_layers(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """The files a YAML config is made of, base-most first: ``(path, its own mapping without _base_)`` each.
+
+    ``_base_: other.yaml`` (relative to the file) names the file underneath; the run's own file comes last. Used
+    where it matters which file set a key (``train.config.apply_rate_rule``); :func:`read_yaml` merges them."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -31,10 +34,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("_base_", None)
-    if base:
-        merged = OmegaConf.merge(OmegaConf.create(read_yaml(path.parent / base)), OmegaConf.create(data))
-        data = OmegaConf.to_container(merged)
-    return data
+    return [*(yaml_layers(path.parent / base) if base else []), (str(path), data)]
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; ``_base_: other.yaml`` (relative to the file) is merged underneath."""
+    layers = yaml_layers(path)
+    if len(layers) == 1:
+        return layers[0][1]
+    merged = OmegaConf.merge(*(OmegaConf.create(data) for _, data in layers))
+    return OmegaConf.to_container(merged)
+
+
+def config_layers(path: str | Path | None, overrides: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """What a run config is merged from, in order: its files (base-most first), then the command-line overrides
+    (source ``command line``) as one nested mapping."""
+    layers = yaml_layers(path) if path else []
+    if overrides:
+        dotlist = [o for o in overrides if "=" in o]
+        layers.append(("command line", OmegaConf.to_container(OmegaConf.from_dotlist(dotlist))))
+    return layers
 
 
 def _structured(cls: type[T], layers: list[tuple[str, Any]]) -> T:

@@ -120,3 +120,110 @@ def test_media_members_become_bytes_and_rows_concatenate():
     both = concat_rows([row([-100, 5, 6]), row([-100, -100, 7, 8])])
     assert both.cu_seqlens.tolist() == [0, 3, 7] and both.input_ids.shape == (1, 7)
     assert int(label_count(both)) == 2 + 2  # shifted, never across the boundary
+
+
+# --- which learning rate applies (train.config.apply_rate_rule) ------------------------------------------------
+def _yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_tiny_run_trains_at_the_lr_it_asks_for():
+    """configs/sft/tiny_run.yaml sets optim.lr: 2e-4 over stage2.yaml's per-module rates: 2e-4 is what trains."""
+    from keye.modeling import KeyeVLForConditionalGeneration
+    from train.config import load_train_run
+    from train.freeze import apply_freeze
+    from train.optim import param_groups
+
+    cfg, plan = load_train_run(REPO / "configs/sft/tiny_run.yaml")
+    assert plan.rates() == {"projector": 2e-4, "llm": 2e-4} and plan.warnings == []
+    assert (cfg.optim.vit_lr, cfg.optim.projector_lr, cfg.optim.llm_lr) == (None, None, None)  # saved config agrees
+    line = plan.line()
+    assert line.startswith("tiny_sft: learning rates: projector, llm 2.00e-04 (optim.lr, configs/sft/tiny_run.yaml")
+    assert line.endswith("; vit frozen")
+    model = KeyeVLForConditionalGeneration(micro_config())
+    apply_freeze(model, cfg.freeze)
+    assert {g["lr"] for g in param_groups(model, cfg.optim)} == {2e-4}
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        str(p.relative_to(REPO))
+        for pattern in ("configs/pretrain/*.yaml", "configs/sft/*_run.yaml", "configs/rl/*.yaml")
+        for p in REPO.glob(pattern)
+    ),
+)
+def test_shipped_configs_have_no_value_without_effect(name):
+    if name.startswith("configs/rl/"):
+        from train.rl.run import load_rl_run as load
+    else:
+        from train.config import load_train_run as load
+    cfg, plan = load(REPO / name)
+    assert plan.warnings == [], plan.warnings
+    assert plan.rates() and all(r > 0 for r in plan.rates().values())
+
+
+def test_command_line_lr_replaces_inherited_module_rates_and_later_module_rates_apply():
+    from train.config import load_train_run
+
+    tiny2 = REPO / "configs/pretrain/tiny_stage2.yaml"
+    _, plan = load_train_run(tiny2)
+    assert plan.rates() == {"vit": 2e-5, "projector": 1e-4, "llm": 1e-4}
+    _, plan = load_train_run(tiny2, ["optim.lr=5e-4"])
+    assert plan.rates() == {"vit": 5e-4, "projector": 5e-4, "llm": 5e-4}
+    assert "(optim.lr, command line; replaces optim.vit_lr=2e-05 (configs/pretrain/stage2.yaml))" in plan.line()
+    _, plan = load_train_run(tiny2, ["optim.lr=5e-4", "optim.vit_lr=1e-5"])  # same layer: the module's own wins
+    assert plan.rates() == {"vit": 1e-5, "projector": 5e-4, "llm": 5e-4}
+    _, plan = load_train_run(tiny2, ["optim.vit_lr=1e-6"])  # later than stage2.yaml's optim.lr: applies
+    assert plan.rates() == {"vit": 1e-6, "projector": 1e-4, "llm": 1e-4}
+
+
+def test_lr_in_the_run_file_replaces_module_rates_of_its_base(tmp_path):
+    """The trap tiny_run.yaml fell into (stage2.yaml then set all three module rates): the run's optim.lr wins."""
+    from train.config import load_train_run
+
+    _yaml(
+        tmp_path / "base.yaml",
+        "data: {sources: [{name: a, shards: [x.tar]}]}\nmodel: {config: configs/model/tiny.yaml}\n"
+        "optim: {lr: 1.0e-4, vit_lr: 2.0e-5, projector_lr: 1.0e-4, llm_lr: 1.0e-4}\n",
+    )
+    cfg, plan = load_train_run(_yaml(tmp_path / "run.yaml", "_base_: base.yaml\noptim: {lr: 2.0e-4}\n"))
+    assert plan.rates() == {"vit": 2e-4, "projector": 2e-4, "llm": 2e-4} and plan.warnings == []
+    assert (cfg.optim.lr, cfg.optim.vit_lr, cfg.optim.projector_lr, cfg.optim.llm_lr) == (2e-4, None, None, None)
+    assert "replaces optim.vit_lr=2e-05 (" in plan.line() and "optim.llm_lr=0.0001 (" in plan.line()
+
+
+def test_a_value_without_effect_is_an_error_in_the_run_and_a_warning_from_a_base(tmp_path):
+    from train.config import load_train_run
+
+    shards = "data: {sources: [{name: a, shards: [x.tar]}]}\nmodel: {config: configs/model/tiny.yaml}\n"
+    every = "optim: {lr: 1.0e-3, vit_lr: 1.0e-4, projector_lr: 2.0e-4, llm_lr: 3.0e-4}\n"
+    own = _yaml(tmp_path / "own.yaml", shards + every)
+    with pytest.raises(ConfigError, match=r"optim\.lr=0\.001 \(.*own\.yaml\) has no effect: every trained part"):
+        load_train_run(own)
+    _yaml(tmp_path / "base.yaml", shards + every)
+    child = _yaml(tmp_path / "child.yaml", "_base_: base.yaml\nmax_steps: 3\n")
+    _, plan = load_train_run(child)  # inherited: the run starts, and says so
+    assert plan.rates() == {"vit": 1e-4, "projector": 2e-4, "llm": 3e-4}
+    assert len(plan.warnings) == 1 and "optim.lr=0.001" in plan.warnings[0] and "base.yaml" in plan.warnings[0]
+    frozen = _yaml(tmp_path / "frozen.yaml", "_base_: base.yaml\nfreeze: [vit]\n")
+    _, plan = load_train_run(frozen)
+    assert any("optim.vit_lr=0.0001" in w and "vit is frozen" in w for w in plan.warnings)
+    with pytest.raises(ConfigError, match=r"optim\.vit_lr=1e-05 \(command line\) has no effect: vit is frozen"):
+        load_train_run(REPO / "configs/sft/tiny_run.yaml", ["optim.vit_lr=1e-5"])
+    with pytest.raises(ConfigError, match=r"optim\.llm_lr=0\.001 \(command line\) has no effect: objective siglip"):
+        load_train_run(REPO / "configs/pretrain/tiny_stage0.yaml", ["optim.llm_lr=1e-3"])
+
+
+def test_cli_names_both_keys_of_a_rate_without_effect(tmp_path, capsys):
+    from keye.cli.main import main
+
+    cfg = _yaml(
+        tmp_path / "run.yaml",
+        "model: {config: configs/model/tiny.yaml}\ndata: {sources: [{shards: [a.tar]}]}\n"
+        "optim: {lr: 1.0e-3, vit_lr: 1.0e-4, projector_lr: 1.0e-4, llm_lr: 1.0e-4}\n",
+    )
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optim.lr=0.001" in err[0] and "optim.llm_lr" in err[0] and "run.yaml" in err[0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keye.typed_config import ConfigError, load_config
+from keye.typed_config import ConfigError, config_layers, load_config
 
 MODULES = ("vit", "projector", "llm")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -87,7 +87,8 @@ class SiglipConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with one learning rate per module; ``None`` means ``lr``."""
+    """AdamW with one learning rate per module; ``None`` means ``lr``. Which rate a module trains at when files
+    build on each other: :func:`apply_rate_rule`."""
 
     lr: float = 1e-4
     vit_lr: float | None = None
@@ -262,8 +263,164 @@ def apply_root(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# --- which learning rate applies ------------------------------------------------------------------------------
+# One rule: a part (module) trains at its own rate key (optim.vit_lr, optim.projector_lr, optim.llm_lr; the stage-0
+# text tower at siglip.text_lr) when that key is set in the same layer as optim.lr or a later one, and at optim.lr
+# otherwise. Layers, in order: the base files (``_base_``), the run's own file, the command line. So a run file (or
+# an override) that sets optim.lr sets the rate of every part whose own key it does not set too; a per-part rate
+# inherited from a file below that optim.lr does not apply, and the start-up line says so. A value set with no
+# effect (the rate of a frozen part, an optim.lr no part trains at) is an error when the run's own file or the
+# command line set it, and a warning when a base file did.
+PART_RATE_KEYS = {"vit": "optim.vit_lr", "projector": "optim.projector_lr", "llm": "optim.llm_lr"}
+
+
+@dataclass
+class PartRate:
+    part: str
+    lr: float | None  # None: frozen
+    key: str  # the key the rate comes from (optim.lr or the part's own), or "freeze"
+    source: str  # the file that set that key, "command line", or "default"
+    replaces: str | None = None  # the part's own rate from an earlier layer that the rule set aside
+
+
+@dataclass
+class RatePlan:
+    """Which rate each trainable part gets and why, plus what of the config does not apply (printed at start-up)."""
+
+    stage: str
+    parts: list[PartRate]
+    warnings: list[str] = field(default_factory=list)  # values a base file set that have no effect in this run
+
+    def rates(self) -> dict[str, float]:
+        return {p.part: p.lr for p in self.parts if p.lr is not None}
+
+    def line(self) -> str:
+        """One line, parts with the same rate and origin together, e.g. ``tiny_sft: learning rates: projector, llm
+        2.00e-04 (optim.lr, configs/sft/tiny_run.yaml; replaces optim.projector_lr=0.0001 (…stage2.yaml), …); vit
+        frozen``."""
+        groups: dict[tuple, list[PartRate]] = {}
+        for p in self.parts:
+            groups.setdefault((p.lr is None, p.lr, p.key, p.source), []).append(p)
+        items = []
+        for (frozen, lr, key, source), parts in sorted(groups.items(), key=lambda kv: kv[0][0]):
+            names = ", ".join(p.part for p in parts)
+            if frozen:
+                items.append(f"{names} frozen")
+                continue
+            replaced = [p.replaces for p in parts if p.replaces]
+            extra = f"; replaces {', '.join(replaced)}" if replaced else ""
+            items.append(f"{names} {lr:.2e} ({key}, {_display(source)}{extra})")
+        return f"{self.stage}: learning rates: " + "; ".join(items)
+
+
+def _display(source: str) -> str:
+    if source in ("command line", "default"):
+        return source
+    try:
+        return str(Path(source).resolve().relative_to(repo_root()))
+    except (ValueError, OSError):
+        return source
+
+
+def _layer_index(layers: list[tuple[str, dict[str, Any]]], key: str) -> int | None:
+    """The last layer that sets ``key`` (dotted), or None."""
+    found = None
+    for i, (_, data) in enumerate(layers):
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            found = i
+    return found
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _put(cfg: Any, key: str, value: Any) -> None:
+    *head, last = key.split(".")
+    setattr(_get(cfg, ".".join(head)), last, value)
+
+
+def apply_rate_rule(cfg: RunConfig, layers: list[tuple[str, dict[str, Any]]]) -> RatePlan:
+    """Apply the learning-rate rule above to ``cfg`` (a per-part rate that does not apply becomes ``None``, so the
+    saved config trains the same), raise ``ConfigError`` for a value the run's own file or the command line set
+    with no effect, and return the plan. ``layers``: :func:`keye.typed_config.config_layers` of the run."""
+    files = [i for i, (src, _) in enumerate(layers) if src != "command line"]
+    own_from = files[-1] if files else 0
+
+    def src(i: int | None) -> str:
+        return layers[i][0] if i is not None else "default"
+
+    def show(key: str, value: Any, at: int | None) -> str:
+        return f"{key}={value:g} ({_display(src(at))})"
+
+    lr_at = _layer_index(layers, "optim.lr")
+    siglip = getattr(cfg, "objective", "lm") == "siglip"
+    freeze_at = _layer_index(layers, "freeze")
+    if siglip:  # stage 0 trains the ViT, the SigLIP text tower and the pooling head/logit parameters only
+        parts = {
+            "vit": ("optim.vit_lr", False),
+            "text": ("siglip.text_lr", cfg.siglip.freeze_text),
+            "head": (None, False),
+        }
+        unused = {k: "objective siglip trains no projector or LLM" for k in ("optim.projector_lr", "optim.llm_lr")}
+        freeze_at = _layer_index(layers, "siglip.freeze_text")
+    else:
+        parts = {m: (key, m in cfg.freeze) for m, key in PART_RATE_KEYS.items()}
+        unused = {"siglip.text_lr": "only objective siglip trains a text tower"} if hasattr(cfg, "siglip") else {}
+    out: list[PartRate] = []
+    problems: list[tuple[int, str]] = []
+    follows_lr = []
+    for part, (key, frozen) in parts.items():
+        at = _layer_index(layers, key) if key else None
+        value = _get(cfg, key) if key else None
+        replaces = None
+        if value is not None and at is not None and lr_at is not None and at < lr_at:
+            replaces = show(key, value, at)
+            _put(cfg, key, None)
+            value = None
+        if frozen:
+            if value is not None:
+                problems.append((at, f"{show(key, value, at)} has no effect: {part} is frozen"))
+            out.append(PartRate(part, None, "freeze", src(freeze_at)))
+        elif value is not None:
+            out.append(PartRate(part, float(value), key, src(at)))
+        else:
+            follows_lr.append(part)
+            out.append(PartRate(part, float(cfg.optim.lr), "optim.lr", src(lr_at), replaces))
+    for key, why in unused.items():
+        if _get(cfg, key) is not None:
+            at = _layer_index(layers, key)
+            problems.append((at, f"{show(key, _get(cfg, key), at)} has no effect: {why}"))
+    if lr_at is not None and not follows_lr:
+        own = ", ".join(f"{p.key} ({_display(p.source)})" for p in out if p.lr is not None)
+        problems.append(
+            (
+                lr_at,
+                f"{show('optim.lr', cfg.optim.lr, lr_at)} has no effect: every trained part has its own rate ({own}); "
+                "drop the own rates that should follow optim.lr",
+            )
+        )
+    errors = [msg for at, msg in problems if at is not None and at >= own_from]
+    if errors:
+        raise ConfigError("; ".join(errors) + " (which rate applies: README, 'Learning rates')")
+    warnings = [msg for at, msg in problems if at is None or at < own_from]
+    return RatePlan(cfg.stage, out, warnings)
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """The run config from a YAML file plus ``key=value`` overrides, checked for values the schema cannot type."""
+    return load_train_run(path, overrides)[0]
+
+
+def load_train_run(path: str | Path | None, overrides: list[str] | None = None) -> tuple[TrainConfig, RatePlan]:
+    """:func:`load_train_config` and the run's learning-rate plan (:func:`apply_rate_rule`)."""
     cfg = load_config(TrainConfig, path, overrides)
     source = f"{path}{' + overrides' if overrides else ''}"
     if cfg.data.mix:
@@ -275,7 +432,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         cfg.data.sources = [SourceConfig(**entry) for entry in mix.data_sources()]
         cfg.data.check_modes = True
     _check(cfg, source)
-    return apply_root(cfg)
+    plan = apply_rate_rule(cfg, config_layers(path, overrides))
+    return apply_root(cfg), plan
 
 
 def repo_root() -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from keye.compat import enable_activation_checkpointing
+from keye.quiet import quiet_stdout
 from train.config import TrainConfig, resolve_path
 from train.extension_locks import build_lock_guard
 
@@ -63,11 +64,24 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30, determini
     if cuda:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        with build_lock_guard():  # DeepSpeed JIT-builds its CPU allreduce op here; never wait on a dead build
+        if not cuda and int(os.environ["RANK"]) == 0 and not _shm_op_built():
+            log.info("building DeepSpeed's CPU allreduce op (first run on this machine only, about a minute)")
+        # DeepSpeed JIT-builds its CPU allreduce op here (never wait on a dead build) and print()s "… built
+        # successfully" each time it loads it: kept off the console unless verbose (keye.quiet)
+        with build_lock_guard(), quiet_stdout():
             deepspeed.init_distributed(
                 dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False
             )
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def _shm_op_built() -> bool:
+    """Whether DeepSpeed's CPU allreduce op is already built in torch's extensions folder (else the first process
+    group of this machine builds it)."""
+    from train.extension_locks import extensions_root
+
+    root = extensions_root()
+    return any(root.glob("deepspeed_shm_comm/*.so")) or any(root.glob("*/deepspeed_shm_comm/*.so"))
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:

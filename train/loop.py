@@ -336,7 +336,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         if stopped_by != "signal":  # a stop signal leaves little time: the checkpoint above is what matters
             task.export(engine, out_dir / "hf", rank)
             dist.barrier()
-        logger.event("finished", step=step, stopped_by=stopped_by, nonfinite_steps=counters["nonfinite_steps"])
+        logger.event(
+            "finished", console=False, step=step, stopped_by=stopped_by, nonfinite_steps=counters["nonfinite_steps"]
+        )
     finally:
         stop.restore()
         logger.close()

@@ -1,4 +1,5 @@
-"""Rank-0 metrics: a tqdm bar, ``metrics.jsonl`` in the output directory, and wandb (offline by default)."""
+"""Rank-0 metrics: a tqdm bar, ``metrics.jsonl`` in the output directory, and wandb (offline and silent by default,
+its files under the output directory)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,17 @@ class MetricLogger:
         self.file = open_append(out / "metrics.jsonl")
         if cfg.logging.progress:
             from tqdm.auto import tqdm
+            from transformers.utils import logging as hf_logging
 
+            # One bar per run: transformers' own ("Writing model shards" at every checkpoint export) would nest
+            # inside it and print it again around each checkpoint.
+            hf_logging.disable_progress_bar()
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.stage, unit="step", dynamic_ncols=True)
         if cfg.wandb.mode != "none":
+            from keye.quiet import is_verbose
+
+            if not is_verbose():  # no banner or run summary on the console (read before wandb sets itself up)
+                os.environ.setdefault("WANDB_SILENT", "true")
             try:
                 import wandb
             except ImportError:
@@ -64,13 +73,16 @@ class MetricLogger:
                     id=_run_id(out),
                 )
 
-    def event(self, kind: str, **fields: Any) -> None:
-        """A non-metric line (resume, skipped step, checkpoint) in metrics.jsonl and on the console."""
+    def event(self, kind: str, console: bool = True, **fields: Any) -> None:
+        """A non-metric line (resume, skipped step, checkpoint) in metrics.jsonl and, unless ``console`` is off
+        (e.g. ``finished``, which the command's last line says), on the console."""
         if not self.enabled:
             return
         row = {"event": kind, **fields}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        if not console:
+            return
         message = f"[{self.cfg.stage}] {kind}: " + ", ".join(f"{k}={v}" for k, v in fields.items())
         if self.bar is not None:
             self.bar.write(message)

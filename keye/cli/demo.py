@@ -2,7 +2,9 @@
 
 Each step is the same command a user would type (training stages in their own process, the rest in-process), so
 the demo doubles as a smoke test of the command-line contract: data → video-info → shards → init → pretraining
-stages 0–3 → SFT → GSPO → sandbox → eval → chat.
+stages 0–3 → SFT → GSPO → sandbox → eval → chat. It ends with a short summary: the final checkpoint, the eval report
+and the commands to try next. Other libraries' logs, progress bars and banners stay off unless ``--verbose``
+(``keye.quiet``; the training steps inherit the choice through ``KEYE_VERBOSE``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -20,13 +23,18 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="demo_out", help="where data, shards, checkpoints and reports go")
     parser.add_argument("--eval-limit", type=int, default=4, help="samples per benchmark in the demo evaluation")
+    parser.add_argument(
+        "--verbose", action="store_true", help="keep DeepSpeed/torch/transformers logs and progress bars"
+    )
 
 
-def _step(title: str, fn: Callable[[], object]) -> object:
-    print(f"\n=== {title} ===", flush=True)
+def _step(title: str, fn: Callable[[], object], outcome: Callable[[], str] | None = None) -> object:
+    """Run one step between a header and a ``done`` line (which ``outcome()`` may extend, e.g. with the loss)."""
+    print(f"=== {title} ===", flush=True)
     start = time.perf_counter()
     result = fn()
-    print(f"--- {title}: done in {time.perf_counter() - start:.1f}s", flush=True)
+    detail = f"; {outcome()}" if outcome is not None else ""
+    print(f"--- done in {time.perf_counter() - start:.1f}s{detail}", flush=True)
     return result
 
 
@@ -71,6 +79,9 @@ def _last_metrics(run_dir: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from keye.quiet import quiet
+
+    quiet(True if args.verbose else None)  # here and, through the environment, in every training step
     from data_pipelines.sample_data import make_sample_data
     from keye.paths import config_path
 
@@ -109,14 +120,14 @@ def run(args: argparse.Namespace) -> int:
             lambda n=n, out=out, prev=previous: _train(
                 f"pretrain/tiny_stage{n}.yaml", work, f"model.path={prev}", f"output_dir={out}"
             ),
+            lambda out=out: _last_metrics(out),
         )
-        print(_last_metrics(out))
         previous = out / "hf"
     _step(
         "6. cold-start SFT, five modes (keye train)",
         lambda: _train("sft/tiny_run.yaml", work, f"model.path={previous}", f"output_dir={work / 'sft'}"),
+        lambda: _last_metrics(work / "sft"),
     )
-    print(_last_metrics(work / "sft"))
     previous = work / "sft" / "hf"
     _step(
         "7. GSPO with progressive hints (keye train)",
@@ -130,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
             "max_steps=3",  # a few steps show the loop; tests/test_rl_learning.py shows GSPO learning
             "rl.hints.k=2",
         ),
+        lambda: _last_metrics(work / "rl"),
     )
-    print(_last_metrics(work / "rl"))
     final = work / "rl" / "hf"
 
     code = work / "crop.py"
@@ -171,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
             "generation.max_new_tokens=16",
         ),
     )
-    print((eval_dir / "report.md").read_text())
     _step(
         "10. chat about an image with the final checkpoint (keye chat)",
         lambda: _cli(
@@ -187,4 +197,29 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     print(f"\nkeye demo finished in {time.perf_counter() - started:.0f}s; everything is under {work}")
+    print("\n".join(summary_lines(work, final, eval_dir, video)))
     return 0
+
+
+def summary_lines(work: Path, final: Path, eval_dir: Path, video: Path) -> list[str]:
+    """The demo's last lines: which checkpoint is final, where the eval report is, and commands to try next (each
+    a valid ``keye`` command line, quoted for a POSIX shell)."""
+    from keye.paths import config_path
+
+    def cmd(*argv: object) -> str:
+        return "    " + " ".join(shlex.quote(str(a)) for a in argv)
+
+    eval_args = ("--data", work / "sample" / "eval", "--out", work / "eval_again", "--limit", 4)
+
+    return [
+        f"  final checkpoint: {final} (after GSPO; the SFT model: {work / 'sft' / 'hf'})",
+        f"  eval report:      {eval_dir / 'report.md'} (scores: results.json, answers: predictions.jsonl)",
+        f"  training logs:    {work}/<stage0..stage3, sft, rl>/metrics.jsonl",
+        "  next:",
+        cmd("keye", "chat", "--model", final, "--video", video, "--no-think", "What happens in the video?"),
+        cmd("keye", "eval", "--model", final, "--bench", "time,kc_mmbench,video_mcq", *eval_args),
+        cmd(
+            "keye", "train", config_path("sft/tiny_run.yaml"), f"paths.root={work}", "output_dir=sft_again", "--verbose"
+        ),
+        cmd("keye", "web", "--model", final),
+    ]

@@ -13,10 +13,18 @@ import os
 import signal
 import sys
 
+OWN_LOGGERS = ("keye", "train", "data_pipelines", "eval", "__main__")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config YAML (e.g. configs/pretrain/tiny_stage1.yaml, configs/rl/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. max_steps=10 optim.lr=1e-4")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the INFO logs, progress bars and banners of DeepSpeed, torch, transformers and wandb "
+        "(default: their warnings and errors only); KEYE_VERBOSE=1 does the same, e.g. for torchrun",
+    )
 
 
 def is_rl_config(path: str) -> bool:
@@ -28,20 +36,31 @@ def is_rl_config(path: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from keye.quiet import quiet
+
+    verbose = quiet(True if args.verbose else None)  # before torch/transformers/DeepSpeed are imported
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rl = is_rl_config(args.config)
     if rl:
-        from train.rl.run import load_rl_run_config
+        from train.rl.run import load_rl_run
 
-        cfg = load_rl_run_config(args.config, list(args.overrides))
+        cfg, plan = load_rl_run(args.config, list(args.overrides))
     else:
-        from train.config import load_train_config
+        from train.config import load_train_run
 
-        cfg = load_train_config(args.config, list(args.overrides))  # config errors surface before any process group
-    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        cfg, plan = load_train_run(args.config, list(args.overrides))  # config errors surface before any process group
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # INFO from our own packages on rank 0; other libraries' INFO only with --verbose (keye.quiet)
+    level = logging.INFO if rank0 else logging.WARNING
+    logging.basicConfig(
+        level=level if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for ours in OWN_LOGGERS:
+        logging.getLogger(ours).setLevel(level)
+    if rank0:
+        print(plan.line(), flush=True)
+        for warning in plan.warnings:
+            print(f"keye train: warning: {warning}", file=sys.stderr, flush=True)
 
     if rl:
         from train.rl.run import run_rl
@@ -61,15 +80,17 @@ def run(args: argparse.Namespace) -> int:
             )
         return 128 + signum
     if summary["rank"] == 0:
+        nonfinite = summary.get("nonfinite_steps") or 0
         print(
-            f"{cfg.stage}: stopped at step {summary['step']} ({summary['stopped_by']}); "
+            f"{cfg.stage}: stopped at step {summary['step']} ({summary['stopped_by']}"
+            f"{f', {nonfinite} non-finite steps skipped' if nonfinite else ''}); "
             f"checkpoints in {summary['output_dir']}/checkpoints, HF export in {summary['export']}"
         )
     return 0
 
 
 def main(argv: list[str]) -> int:
-    """Entry for ``python -m train``: same parsing and one-line errors as ``keye train``."""
+    """Entry for ``python -m train``: same parsing and one-line errors as ``keye train`` (``--verbose`` too)."""
     from keye.cli.main import main as keye_main
 
     debug = ["--debug"] if "--debug" in argv else []

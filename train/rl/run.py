@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from keye.typed_config import ConfigError, load_config, save_config
-from train.config import RunConfig, check_run, config_error
+from keye.typed_config import ConfigError, config_layers, load_config, save_config
+from train.config import RatePlan, RunConfig, apply_rate_rule, check_run, config_error
 from train.rl.config import RLConfig
 from train.rl.step import RLStep, RolloutBatch
 
@@ -81,6 +81,11 @@ def _rooted(path: str | None, root: str | None) -> str | None:
 
 def load_rl_run_config(path: str | Path, overrides: list[str] | None = None) -> RLRunConfig:
     """The RL run config from YAML + ``key=value`` overrides; relative paths are read against ``paths.root``."""
+    return load_rl_run(path, overrides)[0]
+
+
+def load_rl_run(path: str | Path, overrides: list[str] | None = None) -> tuple[RLRunConfig, RatePlan]:
+    """:func:`load_rl_run_config` and the run's learning-rate plan (``train.config.apply_rate_rule``)."""
     source = f"{path}{' + overrides' if overrides else ''}"
     try:
         cfg = load_config(RLRunConfig, path, overrides)
@@ -89,12 +94,13 @@ def load_rl_run_config(path: str | Path, overrides: list[str] | None = None) -> 
     except ValueError as exc:  # RLConfig's own checks (group size, pass_term, …)
         raise ConfigError(f"{source}: {exc}") from None
     _check(cfg, source)
+    plan = apply_rate_rule(cfg, config_layers(path, overrides))
     root = cfg.paths.root
     cfg.model.path = _rooted(cfg.model.path, root)
     cfg.output_dir = _rooted(cfg.output_dir, root)
     cfg.rl.prompts = [_rooted(p, root) for p in cfg.rl.prompts]
     cfg.rl.rollout.media_root = _rooted(cfg.rl.rollout.media_root, root)
-    return cfg
+    return cfg, plan
 
 
 # --------------------------------------------------------------------------------------------- prompts and ranks
@@ -394,7 +400,7 @@ def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
         if stopped_by != "signal":
             export_hf(engine, processor, out_dir / "hf", rank)
             dist.barrier()
-        logger.event("finished", step=step, stopped_by=stopped_by)
+        logger.event("finished", console=False, step=step, stopped_by=stopped_by)
     finally:
         stop.restore()
         logger.close()
