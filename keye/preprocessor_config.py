@@ -39,6 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keye.released_image_processor import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MEAN,
+    DEFAULT_MIN_PIXELS,
+    DEFAULT_RESCALE,
+    DEFAULT_STD,
+    MERGE_SIZE,
+    PATCH_SIZE,
+)
 from keye.typed_config import ConfigError
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -71,16 +80,16 @@ class ImageProcessorConfig:
     do_resize: bool = True
     resample: int = 2  # PIL.Image.BILINEAR
     do_rescale: bool = True
-    rescale_factor: float = 1 / 255
+    rescale_factor: float = DEFAULT_RESCALE
     do_normalize: bool = True
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_mean: tuple[float, float, float] = DEFAULT_MEAN
+    image_std: tuple[float, float, float] = DEFAULT_STD
     do_convert_rgb: bool = True
-    min_pixels: int = 3136
-    max_pixels: int = 1003520
-    patch_size: int = 14
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    patch_size: int = PATCH_SIZE
     temporal_patch_size: int = 1
-    merge_size: int = 2
+    merge_size: int = MERGE_SIZE
 
     def __post_init__(self) -> None:
         self.validate(_HERE)
