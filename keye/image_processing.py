@@ -20,7 +20,6 @@ released processor's (tests/test_processor.py compares them).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -28,7 +27,7 @@ from data_pipelines.media import MediaError, VideoClip
 from data_pipelines.resize import smart_resize
 from data_pipelines.video_reader import clip_pixels
 from keye.preprocessor_config import ImageProcessorConfig
-from keye.released_image_processor import rescale_normalize, resize_image, to_patches
+from keye.released_image_processor import image_to_uint8, rescale_normalize, resize_image, to_patches
 
 PATCH = 14
 
@@ -76,8 +75,7 @@ def patchify(pixels: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
 
 def image_to_patches(image: Image.Image, config: ImageProcessorConfig) -> tuple[torch.Tensor, list[int]]:
     """A first-stage RGB image (``load_image``) → (patches, grid ``[1, h/14, w/14]``) after the second stage."""
-    image = resize_for_model(image.convert("RGB"), config)
-    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    arr = image_to_uint8(resize_for_model(image.convert("RGB"), config))
     _, h, w = arr.shape
     return patchify(pixel_values(arr, config)[None]), [1, h // PATCH, w // PATCH]
 

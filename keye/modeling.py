@@ -179,6 +179,18 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         return build_from_components(cls, llm_dir, vit_dir, **config_overrides)
 
     # --- transformers plumbing -------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, state_dict=None, **kwargs):
         """The released Keye-VL 1.5 layout: weights + config.json (``keye.configuration``) + remote code.
 

@@ -5,8 +5,8 @@ code there, written by ``keye.remote_code``, and imports only transformers, torc
 prompt whose ``<|image_pad|>``/``<|video_pad|>`` stand for whole images/videos plus what keye-vl-utils'
 ``process_vision_info`` returns (images, frame stacks, and per-video ``width``, ``height``, ``fast_width``,
 ``fast_height``, ``timestamps``, ``frame_types``) and expands each video frame to ``<|frame|>`` + its timestamp
-(``data_pipelines.media.timestamp_text``: ``format(ts, ".1f")`` of the float32 value) + the frame's pads, fast frames between ``<|fast_start|>`` and
-``<|fast_end|>``. The project's own encoder (``keye.processing``) builds the same ids directly from token ids;
+(``data_pipelines.media.timestamp_text``: ``format(ts, ".1f")`` of the float32 value) + the frame's pads, fast
+frames between ``<|fast_start|>`` and ``<|fast_end|>``. The project's own encoder (``keye.processing``) builds the same ids directly from token ids;
 ``tests/test_released_layout.py`` checks the two agree, ids and pixels.
 """
 
