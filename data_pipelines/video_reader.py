@@ -6,12 +6,15 @@ fast sizes); the reference tests check it, timestamps as the prompt text they be
 What differs is how the work is done:
 
 - **Decoding** (backend ``auto``): PyAV first. One cheap demux pass lists packet timestamps (frame count and order
-  as decord sees them); the decode pass asks the codec to skip non-reference frames that are not sampled and
-  converts only the sampled frames to RGB (the same swscale conversion decord uses, so pixels are identical). A
-  window (``video_start``/``video_end``) seeks to the keyframe before it and stops after its last sample. If PyAV
-  cannot read the file, decord (the original's reader) is tried. ``backend="decord"`` forces decord.
-- **Two threads** (``overlap``): one decodes (and reads ahead a few frames), the other converts to RGB, computes
-  similarity features, types frames and stores them, with one torch thread; on 2 cores the two halves overlap.
+  as decord sees them) and the IDR frames. H.264 packets that no frame references and that are not sampled are
+  never sent to the decoder (``h264_nal``; other codecs: the decoder skips them); only sampled frames are converted
+  to RGB (the same swscale conversion decord uses, so pixels are identical). A part stops at its last sample.
+  If PyAV cannot read the file, decord (the original's reader) is tried. ``backend="decord"`` forces decord.
+- **Parallel parts** (``overlap.ordered_parallel``): the sampled frames split at IDR frames into parts that decode
+  independently, each on its own container, on ``decoder_threads`` worker threads; a part's thread also converts
+  its frames and computes their similarity features. The caller types and stores frames in order. One part (a
+  single IDR frame) decodes with FFmpeg frame threads instead. Measured on real footage: decoding the reference
+  frames is ~60-70% of the CPU time, so two parts in parallel are what makes a read fast on 2 cores.
 - **Streaming**: each frame is typed on arrival (``SlowFastSelector``) and stored (``_FrameStore``): at decoded
   size, as the original returns frames, when all sampled frames fit ``full_size_limit_mb``; otherwise only at the
   largest slow size the budget can still give it, so memory is bounded by the token budget, not the video length.
@@ -22,22 +25,26 @@ Errors on one input raise ``MediaError`` (with a ``reason``) so loaders can coun
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, TypeVar
 
 import av
 import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
+from .frame_buffer import empty_uint8
+from .h264_nal import is_droppable, is_idr, nal_length_size
 from .image_reader import load_image
 from .media import SLOW, MediaError, VideoClip, VideoOptions, frame_timestamp
 from .native_log import captured_native_stderr
-from .overlap import read_ahead, run_single_threaded
+from .overlap import ordered_parallel, read_ahead, run_single_threaded
 from .slowfast import (
     FrameFeatures,
     SlowFastSelector,
@@ -51,9 +58,10 @@ from .slowfast import (
 )
 
 VideoSource = str | bytes | os.PathLike | Sequence[str]
-# (position among the sampled indices, a call returning the frame as uint8 [H, W, 3]): PyAV frames arrive still in
-# YUV and are converted to RGB by that call, so the conversion runs on the consumer's thread, not the decoder's
-FrameIter = Iterator[tuple[int, Callable[[], np.ndarray]]]
+T = TypeVar("T")
+# (position among the sampled indices, work(frame as uint8 [H, W, 3])), in order of position
+FrameIter = Iterator[tuple[int, Any]]
+Decode = Callable[..., FrameIter]  # decode(sorted indices, work=identity)
 
 
 @dataclass
@@ -123,9 +131,12 @@ def sample_indices(num_frames: int, native_fps: float, options: VideoOptions, la
 # ---------------------------------------------------------------- PyAV backend
 
 
-def _av_open(source: str | bytes, label: str) -> av.container.InputContainer:
+def _av_open(source: str | bytes, label: str, probe_decoding: bool = True) -> av.container.InputContainer:
+    """Open ``source``; ``probe_decoding=False`` (for a decoding pass, once the probe has read the metadata) stops
+    FFmpeg's stream probing from decoding its first frames, which costs 2–6 ms per open at 720p–1080p."""
+    options = None if probe_decoding else {"skip_frame": "all"}
     try:
-        return av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r")
+        return av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r", options=options)
     except av.error.FFmpegError as exc:
         raise MediaError("corrupt", f"cannot open as a video: {exc}", label) from exc
 
@@ -161,15 +172,24 @@ class NotAVideoError(MediaError):
         super().__init__("no_video", f"is an image ({kind}), not a video", label)
 
 
-def _av_probe(source: str | bytes, label: str) -> tuple[VideoMeta, list[int]]:
-    """Frame count, average fps and presentation timestamps in display order (one demux pass, no decoding).
+def _av_probe(source: str | bytes, label: str) -> tuple[VideoMeta, list[int], list[int]]:
+    """Frame count, average fps, presentation timestamps in display order and where a read may split: the
+    timestamps of H.264 IDR frames (``h264_nal.is_idr``; none for other codecs). One demux pass, no decoding.
 
     A still image (a JPEG or PNG renamed ``.mp4``: one frame through an image demuxer) raises ``NotAVideoError``;
     an image demuxer yielding several frames (an animated GIF, concatenated JPEGs) is read as a video."""
     with _av_open(source, label) as container:
         stream = _av_video_stream(container, label)
+        codec = stream.codec_context
+        splits = codec.name == "h264"
+        length_size = nal_length_size(codec.extradata) if splits else None
+        pts, key_pts = [], []
         try:
-            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0)
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.size > 0:
+                    pts.append(packet.pts)
+                    if splits and packet.is_keyframe and is_idr(bytes(packet), length_size):
+                        key_pts.append(packet.pts)
         except av.error.FFmpegError as exc:
             raise MediaError("corrupt", f"cannot read packets: {exc}", label) from exc
         rate = stream.average_rate or stream.guessed_rate
@@ -179,7 +199,7 @@ def _av_probe(source: str | bytes, label: str) -> tuple[VideoMeta, list[int]]:
     if not pts:
         raise MediaError("empty", "video stream holds no frames", label)
     fps = float(rate) if rate else 0.0
-    return VideoMeta(num_frames=len(pts), fps=fps, backend="pyav"), pts
+    return VideoMeta(num_frames=len(pts), fps=fps, backend="pyav"), sorted(pts), sorted(key_pts)
 
 
 def _rgb_array(reformatter: VideoReformatter, frame: av.VideoFrame) -> np.ndarray:
@@ -187,39 +207,79 @@ def _rgb_array(reformatter: VideoReformatter, frame: av.VideoFrame) -> np.ndarra
     return reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
-def _av_frames(
-    source: str | bytes, label: str, pts: list[int], indices: list[int], seek: bool, threads: int = 1
-) -> FrameIter:
-    """Decode the frames at ``indices`` (display order), skipping unsampled non-reference frames."""
-    wanted = {pts[i]: pos for pos, i in enumerate(indices)}
-    remaining = len(wanted)
-    rgb = VideoReformatter()  # one swscale context for the whole clip (a fresh one per frame costs ~1 ms)
-    with _av_open(source, label) as container:
+# A part of a read: the keyframe to seek to (None: decode from the stream's start) and the sampled frames it
+# delivers, {pts: position among the sampled indices}
+Part = tuple[int | None, dict[int, int]]
+
+
+def decode_parts(indices: list[int], pts: list[int], key_pts: list[int]) -> list[Part]:
+    """The sampled frames grouped by the IDR frame (``key_pts``) that starts their group of pictures, in display
+    order. Each part decodes on its own from its IDR frame (nothing after it refers to anything before it), so
+    parts can decode in parallel and give the same pixels as one pass from the start."""
+    parts: list[Part] = []
+    for pos, i in enumerate(indices):
+        k = bisect.bisect_right(key_pts, pts[i]) - 1
+        start = key_pts[k] if k >= 0 and key_pts[k] != pts[0] else None
+        if not parts or parts[-1][0] != start:
+            parts.append((start, {}))
+        parts[-1][1][pts[i]] = pos
+    return parts
+
+
+def _av_part(
+    source: str | bytes, label: str, part: Part, threads: int, work: Callable[[np.ndarray], T]
+) -> Iterator[tuple[int, T]]:
+    """Decode one part's sampled frames, leaving out unsampled frames that nothing references, and yield
+    ``(position, work(rgb))`` for each.
+
+    H.264 (nearly all real footage): such packets are recognised from their NAL headers (``h264_nal``) and never
+    sent to the decoder, which then runs ``threads`` frame threads. Other codecs: the decoder is asked to skip
+    non-reference frames (``skip_frame``), which FFmpeg does only serially, so they decode on one thread.
+    A part that seeks and then misses frames (a file whose index lies) is decoded again from the stream's start.
+    """
+    start_pts, wanted = part
+    pending = dict(wanted)
+    rgb = VideoReformatter()  # one swscale context per part (a fresh one per frame costs ~1 ms)
+    with _av_open(source, label, probe_decoding=False) as container:
         stream = _av_video_stream(container, label)
         codec = stream.codec_context
+        by_headers = codec.name == "h264"
+        length_size = nal_length_size(codec.extradata) if by_headers else None
         # PyAV's default is automatic *slice* threads: with one slice per frame (x264's default) they decode
         # nothing in parallel, yet their hand-offs cost about one extra CPU-second per CPU-second of decoding
-        # (measured), taken from the thread doing the tensor work. Frame threads also cost more than they give
-        # on a busy 2-core box (measured), so 1 is the default.
-        codec.thread_count = threads
-        if threads != 1:
-            codec.thread_type = "AUTO"
+        # (measured). Frame threads do decode in parallel, but only when the packet stream is not steered with
+        # skip_frame: 1 thread for other codecs.
+        codec.skip_frame = "DEFAULT"  # whatever the probing option left
+        codec.thread_count = threads if by_headers else 1
+        if codec.thread_count != 1:
+            codec.thread_type = "FRAME"
         try:
-            if seek and indices[0] > 0:
-                container.seek(pts[indices[0]], stream=stream, backward=True, any_frame=False)
+            if start_pts is not None:
+                container.seek(start_pts, stream=stream, backward=True, any_frame=False)
+            unsent = set(pending)
             for packet in container.demux(stream):
-                codec.skip_frame = "DEFAULT" if (packet.pts is None or packet.pts in wanted) else "NONREF"
-                for frame in packet.decode():
-                    pos = wanted.get(frame.pts)
+                needed = packet.pts is None or packet.pts in pending
+                if by_headers:
+                    if not needed and packet.size and is_droppable(bytes(packet), length_size):
+                        continue
+                else:
+                    codec.skip_frame = "DEFAULT" if needed else "NONREF"
+                unsent.discard(packet.pts)
+                # once every sampled frame's packet is in, later packets are only the decoder's reordering delay:
+                # flush instead of decoding them
+                frames = packet.decode() if unsent else [*packet.decode(), *codec.decode(None)]
+                for frame in frames:
+                    pos = pending.pop(frame.pts, None)
                     if pos is not None:
-                        remaining -= 1
-                        yield pos, partial(_rgb_array, rgb, frame)
-                if remaining == 0:
-                    return
+                        yield pos, work(_rgb_array(rgb, frame))
+                if not pending or not unsent:
+                    break
         except av.error.FFmpegError as exc:
             raise MediaError("corrupt", f"decoding failed: {exc}", label) from exc
-    if remaining:
-        raise MediaError("corrupt", f"only {len(wanted) - remaining} of {len(wanted)} sampled frames decoded", label)
+    if pending and start_pts is not None:
+        yield from _av_part(source, label, (None, pending), threads, work)
+    elif pending:
+        raise MediaError("corrupt", f"only {len(wanted) - len(pending)} of {len(wanted)} sampled frames decoded", label)
 
 
 # ---------------------------------------------------------------- decord backend
@@ -238,12 +298,16 @@ def _decord_open(source: str | bytes, label: str):
         raise MediaError("corrupt", f"decord cannot open: {str(exc).splitlines()[0]}", label) from exc
 
 
-def _decord_frames(reader, label: str, indices: list[int], chunk: int = 16) -> FrameIter:
+def _decord_frames(
+    reader, label: str, indices: list[int], work: Callable[[np.ndarray], T], chunk: int = 16
+) -> FrameIter:
     try:
         for start in range(0, len(indices), chunk):
             batch = reader.get_batch(indices[start : start + chunk]).asnumpy()
             for k, arr in enumerate(batch):
-                yield start + k, partial(np.asarray, arr)
+                yield start + k, work(arr)
+    except MediaError:
+        raise
     except Exception as exc:
         raise MediaError("corrupt", f"decord decoding failed: {str(exc).splitlines()[0]}", label) from exc
 
@@ -251,26 +315,49 @@ def _decord_frames(reader, label: str, indices: list[int], chunk: int = 16) -> F
 # ---------------------------------------------------------------- public API
 
 
-def open_video(
-    source: str | bytes | os.PathLike, options: VideoOptions
-) -> tuple[VideoMeta, Callable[[list[int]], FrameIter]]:
-    """Probe a video and return its metadata with a function that decodes given frame indices."""
+def decoder_threads(options: VideoOptions) -> int:
+    """Decoding threads for one read: ``options.decode_threads``, or by default two when this thread may use more
+    than one core (a DataLoader worker runs torch on one thread: its read then uses one too)."""
+    if options.decode_threads is not None:
+        if options.decode_threads < 1:
+            raise ValueError(f"decode_threads must be at least 1 (or unset), got {options.decode_threads}")
+        return options.decode_threads
+    return min(2, torch.get_num_threads())
+
+
+def _keep(rgb: np.ndarray) -> np.ndarray:
+    return rgb
+
+
+def open_video(source: str | bytes | os.PathLike, options: VideoOptions) -> tuple[VideoMeta, Decode]:
+    """Probe a video; return its metadata and ``decode(indices, work)``, which yields ``(position, work(rgb))``
+    for the frames at sorted ``indices`` in order, ``rgb`` a uint8 ``[H, W, 3]`` array.
+
+    PyAV reads split at keyframes (``decode_parts``) and run on ``decoder_threads(options)`` threads, ``work``
+    (e.g. similarity features) on the same threads; one part decodes with that many frame threads instead."""
     label = _label(source)
     src = _check_exists(source)
     backend = options.backend
     if backend not in ("auto", "pyav", "decord"):
         raise ValueError(f"video backend must be 'auto', 'pyav' or 'decord', got {backend!r}")
-    windowed = options.video_start is not None
+    workers = decoder_threads(options)
     if backend in ("auto", "pyav"):
         try:
-            meta, pts = _av_probe(src, label)
-            return meta, lambda idx: _av_frames(src, label, pts, idx, windowed, options.decode_threads)
+            meta, pts, key_pts = _av_probe(src, label)
         except NotAVideoError:
             raise  # decord would read the picture as a one-frame video
         except MediaError as exc:
             if backend == "pyav" or exc.reason not in ("corrupt", "no_video", "empty"):
                 raise
             first_error = exc
+        else:
+
+            def decode(indices: list[int], work: Callable[[np.ndarray], T] = _keep) -> FrameIter:
+                parts = decode_parts(indices, pts, key_pts)
+                threads = workers if len(parts) == 1 else 1  # parts in parallel, or one part's frames
+                return ordered_parallel([partial(_av_part, src, label, p, threads, work) for p in parts], workers)
+
+            return meta, decode
     else:
         first_error = None
     try:
@@ -283,7 +370,11 @@ def open_video(
         raise
     if meta.num_frames <= 1 and first_error is None:
         _check_not_image(src, label)
-    return meta, lambda idx: _decord_frames(reader, label, idx)
+
+    def decode_decord(indices: list[int], work: Callable[[np.ndarray], T] = _keep) -> FrameIter:
+        return read_ahead(_decord_frames(reader, label, indices, work))
+
+    return meta, decode_decord
 
 
 def _check_not_image(source: str | bytes, label: str) -> None:
@@ -300,7 +391,7 @@ def _check_not_image(source: str | bytes, label: str) -> None:
 def decode_frames(source: str | bytes | os.PathLike, indices: list[int], backend: str = "auto") -> np.ndarray:
     """Full-resolution RGB frames ``uint8 [len(indices), H, W, 3]`` at the given indices (tools and tests)."""
     _, decode = open_video(source, VideoOptions(backend=backend))
-    frames = {pos: to_array() for pos, to_array in decode(sorted(indices))}
+    frames = dict(decode(sorted(indices)))
     order = sorted(range(len(indices)), key=lambda k: indices[k])
     out = [None] * len(indices)
     for pos, k in enumerate(order):
@@ -315,8 +406,9 @@ class _FrameStore:
     processor expects (it resizes each frame once, to its slow or fast size, as the original does). Otherwise
     each is kept no larger than the biggest slow size still reachable: the bound falls as frames turn out slow;
     once it has halved, the held frames are shrunk chunk by chunk (each old chunk freed as its replacement fills),
-    so memory never exceeds what is held plus one chunk. Chunks take the first frame's memory layout, so storing
-    a frame is one plain copy; a clip that fits one chunk is returned without a copy.
+    so memory never exceeds what is held plus one chunk. Frames held at decoded size fill one buffer, returned
+    without a copy. Buffers take the first frame's memory layout, so storing a frame is one plain copy, and come
+    from huge pages (``frame_buffer``): first-touch page faults cost more than the copies.
     """
 
     CHUNK = 64
@@ -348,8 +440,8 @@ class _FrameStore:
 
     def _empty(self, rows: int, hw: tuple[int, int]) -> torch.Tensor:
         if self.channels_last:
-            return torch.empty((rows, *hw, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-        return torch.empty((rows, 3, *hw), dtype=torch.uint8)
+            return empty_uint8((rows, *hw, 3)).permute(0, 3, 1, 2)
+        return empty_uint8((rows, 3, *hw))
 
     def add(self, frame: torch.Tensor, num_slow: int) -> None:
         """Keep the next frame (at decoded size), given how many frames so far are slow."""
@@ -362,9 +454,11 @@ class _FrameStore:
             self._shrink(target)
         if self.count >= self.n:
             raise ValueError(f"more than the {self.n} sampled frames arrived")
-        row = self.count % self.CHUNK
+        # frames held at decoded size go to one buffer (returned as is); held smaller, to chunks that can shrink
+        chunk = self.CHUNK if self.bounded(*self.source_hw) else self.n
+        row = self.count % chunk
         if row == 0:
-            self.chunks.append(self._empty(min(self.CHUNK, self.n - self.count), self.hw))
+            self.chunks.append(self._empty(min(chunk, self.n - self.count), self.hw))
         self.chunks[-1][row].copy_(resize_uint8(frame, self.hw))
         self.count += 1
 
@@ -396,23 +490,14 @@ class _FrameStore:
 Prepared = tuple[torch.Tensor, FrameFeatures | None]  # (uint8 [3, H, W] frame, its similarity features)
 
 
-def _chw_view(to_array: Callable[[], np.ndarray]) -> torch.Tensor:
-    """A decoded ``[H, W, 3]`` frame as a ``[3, H, W]`` view: the memory layout the original interpolates from,
-    so its rounding is reproduced."""
-    return torch.from_numpy(to_array()).permute(2, 0, 1)
-
-
-def _prepared_frames(frames: Iterator[Callable[[], torch.Tensor]], slow_fast: bool) -> Iterator[Prepared]:
-    """Frames read ahead on the decode thread; pixels fetched (RGB conversion), resized for similarity and turned
-    into HSV patch features here. Measured: the decoder is the bottleneck at 720p and 1080p, and handing it a
-    share of this work when it was ahead did not help."""
-    for load in read_ahead(frames):
-        frame = load()
-        if slow_fast:
-            sim_hw = similarity_size(int(frame.shape[1]), int(frame.shape[2]))
-            yield frame, frame_features(resize_uint8(frame, sim_hw))
-        else:
-            yield frame, None
+def _prepare(rgb: np.ndarray, slow_fast: bool) -> Prepared:
+    """A decoded ``[H, W, 3]`` frame as a ``[3, H, W]`` view (the memory layout the original interpolates from, so
+    its rounding is reproduced), with its similarity features: resized and turned into HSV patches on the
+    decoding thread, in parallel with the other parts of the read."""
+    frame = torch.from_numpy(rgb).permute(2, 0, 1)
+    if not slow_fast:
+        return frame, None
+    return frame, frame_features(resize_uint8(frame, similarity_size(int(frame.shape[1]), int(frame.shape[2]))))
 
 
 def _assemble(
@@ -481,15 +566,18 @@ def _load_frame_list(paths: Sequence[str], options: VideoOptions) -> VideoClip:
         else None
     )
 
-    def frames() -> Iterator[Callable[[], torch.Tensor]]:
-        for i in indices:
-            img = load_image(paths[i], options.min_pixels, options.max_pixels, resized)
-            # contiguous [3, H, W], as the original stacks its images (the resize rounds by memory layout)
-            yield partial(torch.Tensor.contiguous, torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    def read(path: str) -> Iterator[Prepared]:
+        img = load_image(path, options.min_pixels, options.max_pixels, resized)
+        # contiguous [3, H, W], as the original stacks its images (the resize rounds by memory layout)
+        frame = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+        yield (
+            frame,
+            frame_features(resize_uint8(frame, similarity_size(*frame.shape[1:]))) if options.slow_fast else None,
+        )
 
     timestamps = [frame_timestamp(i, fps) for i in indices] if options.fps is not None else []
     duration = len(paths) / fps if options.fps is not None else None
-    prepared = _prepared_frames(frames(), options.slow_fast)
+    prepared = ordered_parallel([partial(read, paths[i]) for i in indices], decoder_threads(options))
     return run_single_threaded(_assemble, prepared, indices, None, timestamps, options, label, duration)
 
 
@@ -501,8 +589,7 @@ def load_video(source: VideoSource, options: VideoOptions | None = None) -> Vide
     label = _label(source)
     meta, decode = open_video(source, options)
     indices = sample_indices(meta.num_frames, meta.fps, options, label)
-    loads = (partial(_chw_view, to_array) for _, to_array in decode(indices))
-    prepared = _prepared_frames(loads, options.slow_fast)
+    prepared = (item for _, item in decode(indices, partial(_prepare, slow_fast=options.slow_fast)))
     timestamps = [frame_timestamp(i, meta.fps) for i in indices]
     duration = meta.num_frames / meta.fps
     return run_single_threaded(_assemble, prepared, indices, meta.fps, timestamps, options, label, duration)

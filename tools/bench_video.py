@@ -8,13 +8,22 @@ past ``VideoOptions.full_size_limit_mb``) and leave the resize to slow/fast size
 adds our ``clip_pixels`` (that resize, uint8) for reference. ``--long`` adds a 10-minute 1080p clip read by ours
 only (the original keeps every sampled frame at full resolution, several GB there).
 
+``--real DIR`` compares the two on every video in DIR instead (real footage: its encoder settings, GOP structure
+and motion are what training data looks like): each reader runs in its own warm process that reads the clips one
+after another, the two alternate ``--repeat`` times, and per clip the medians are compared; identical means
+equal frame count, timestamps (as prompt text), frame types, slow/fast sizes and every frame's pixels (SHA-1).
+It prints the ratio's median, geometric mean and worst clip, and exits non-zero if any clip differs.
+
     python tools/bench_video.py [--workdir /tmp/keye_bench] [--seconds 30] [--repeat 5] [--long]
+    python tools/bench_video.py --real ../shared/data/real_videos [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -67,6 +76,100 @@ def _worker(impl: str, path: str, warmup: str) -> None:
     print(json.dumps(out))
 
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+
+
+def _read_real(impl: str, path: str) -> dict:
+    """One timed read of ``path`` with everything the identity check needs (pixels hashed after the clock)."""
+    from keye_vl_utils import fetch_video
+
+    from data_pipelines.media import timestamp_text
+    from data_pipelines.video_reader import load_video
+
+    t0 = time.perf_counter()
+    if impl == "ref":
+        frames, kw = fetch_video({"video": path})
+        seconds = time.perf_counter() - t0
+        out = {
+            "timestamps": [format(t, ".1f") for t in kw["timestamps"]],
+            "frame_types": [int(t) for t in kw["frame_types"]],
+            "slow_hw": [kw["height"], kw["width"]],
+            "fast_hw": [kw["fast_height"], kw["fast_width"]],
+        }
+    else:
+        clip = load_video(path)
+        seconds = time.perf_counter() - t0
+        frames = clip.frames
+        out = {
+            "timestamps": [timestamp_text(t) for t in clip.timestamps],
+            "frame_types": clip.frame_types,
+            "slow_hw": list(clip.slow_hw),
+            "fast_hw": list(clip.fast_hw),
+        }
+    out["frames"] = int(frames.shape[0])
+    out["shape"] = list(frames.shape)
+    out["sha1"] = hashlib.sha1(frames.contiguous().numpy().tobytes()).hexdigest()
+    out["seconds"] = seconds
+    return out
+
+
+def _real_worker(impl: str, paths: list[str]) -> None:
+    """Read the first clip once untimed (library, decoder and allocator start-up), then every clip once, timed,
+    printing one JSON line each (in its own warm process)."""
+    _read_real(impl, paths[0])
+    for path in paths:
+        print(json.dumps({"path": path, **_read_real(impl, path)}), flush=True)
+
+
+def _real(folder: str, repeat: int) -> int:
+    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(VIDEO_SUFFIXES))
+    if not paths:
+        print(f"no videos ({', '.join(VIDEO_SUFFIXES)}) in {folder}", file=sys.stderr)
+        return 2
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    runs: dict[str, dict[str, list[dict]]] = {"ref": {}, "ours": {}}
+    for _ in range(repeat):  # alternate so background load hits both alike
+        for impl in ("ref", "ours"):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--real-worker", impl, *paths],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"{impl} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            for line in proc.stdout.splitlines():
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    runs[impl].setdefault(r["path"], []).append(r)
+    print(f"cpu cores: {os.cpu_count()}, repeats: {repeat} (median per clip), real clips from {folder}")
+    print(f"{'clip':24} {'frames':>6} {'ref s':>7} {'ours s':>7} {'ratio':>6}  identical")
+    keys = ("frames", "shape", "timestamps", "frame_types", "slow_hw", "fast_hw", "sha1")
+    ratios, identical = [], 0
+    for path in paths:
+        ref, ours = runs["ref"][path], runs["ours"][path]
+        same = _same(runs, path, keys)
+        identical += same
+        ref_s = statistics.median(r["seconds"] for r in ref)
+        our_s = statistics.median(r["seconds"] for r in ours)
+        ratios.append(ref_s / our_s)
+        name = os.path.basename(path)
+        print(f"{name:24} {ours[0]['frames']:6d} {ref_s:7.3f} {our_s:7.3f} {ref_s / our_s:5.2f}x  {same}", flush=True)
+    geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    worst = min(range(len(ratios)), key=ratios.__getitem__)
+    print(
+        f"speed-up over keye-vl-utils on {len(ratios)} real clips: median {statistics.median(ratios):.2f}x, "
+        f"geometric mean {geo:.2f}x, worst {ratios[worst]:.2f}x ({os.path.basename(paths[worst])}); "
+        f"identical on {identical} of {len(ratios)}"
+    )
+    return 0 if identical == len(paths) else 1
+
+
+def _same(runs: dict, path: str, keys: tuple[str, ...]) -> bool:
+    return all(runs["ref"][path][0][k] == runs["ours"][path][0][k] for k in keys)
+
+
 def _run(impl: str, path: str, warmup: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
@@ -109,11 +212,18 @@ def main() -> int:
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--long", action="store_true", help="also read a 10-minute 1080p clip (ours only)")
+    parser.add_argument("--real", metavar="DIR", help="compare on the real videos in DIR instead of generated clips")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "PATH", "WARMUP"), help=argparse.SUPPRESS)
+    parser.add_argument("--real-worker", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(args.worker[0], args.worker[1], args.worker[2])
         return 0
+    if args.real_worker:
+        _real_worker(args.real_worker[0], args.real_worker[1:])
+        return 0
+    if args.real:
+        return _real(args.real, args.repeat)
     os.makedirs(args.workdir, exist_ok=True)
     cases = []
     for label, (height, width) in (("720p", (720, 1280)), ("1080p", (1080, 1920))):
