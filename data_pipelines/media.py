@@ -80,7 +80,9 @@ class VideoOptions:
     resized_height: int | None = None
     resized_width: int | None = None
     backend: str = "auto"  # "auto" (PyAV, then decord), "pyav" or "decord"
-    decode_threads: int = 1  # PyAV decoder threads; 1 is fastest per core (loader workers parallelise), 0 = auto
+    # decoding threads per read; None = min(2, torch's thread count): 2 for a read on its own (eval, chat, a
+    # benchmark), 1 in data-loader workers (torch runs them single-threaded; the workers are the parallelism)
+    decode_threads: int | None = None
     # sampled frames are returned at decoded size when they all fit in this many MiB (the processor resizes each
     # once, as the original); above it they are held at the largest slow size still reachable (long videos)
     full_size_limit_mb: float = 512.0
@@ -109,10 +111,12 @@ class VideoClip:
     """Sampled frames of one video plus everything the processor needs to tokenise them.
 
     ``frames`` are uint8 ``[T, 3, H, W]`` at decoded size; the processor resizes slow frames to
-    ``slow_hw`` and fast frames to ``fast_hw`` (both multiples of 28).
+    ``slow_hw`` and fast frames to ``fast_hw`` (both multiples of 28). A clip read from a frame shard
+    (``data_pipelines.frame_shards``) holds a list of ``[3, h, w]`` frames already at those sizes instead: slow and
+    fast frames differ in size, so they cannot share one tensor, and the processor's resize is then a no-op.
     """
 
-    frames: torch.Tensor
+    frames: torch.Tensor | list[torch.Tensor]
     # seconds (float32 values, see ``frame_timestamp``); empty for a frame list read without fps (the original gives
     # none either). Values given as float64 are rounded to float32 on construction, as the released FloatTensor does.
     timestamps: list[float]
@@ -125,7 +129,7 @@ class VideoClip:
     path: str | None = None
 
     def __post_init__(self) -> None:
-        n = int(self.frames.shape[0])
+        n = len(self.frames)
         if len(self.frame_types) != n:
             raise ValueError(f"VideoClip has {n} frames but {len(self.frame_types)} frame types")
         if self.timestamps and len(self.timestamps) != n:
@@ -134,7 +138,7 @@ class VideoClip:
 
     @property
     def num_frames(self) -> int:
-        return int(self.frames.shape[0])
+        return len(self.frames)
 
     def frame_hw(self, j: int) -> tuple[int, int]:
         return self.fast_hw if self.frame_types[j] == FAST else self.slow_hw

@@ -1,8 +1,10 @@
 """Write JSONL conversations plus their media into webdataset ``.tar`` shards.
 
 Each sample becomes ``KEY.json`` (the record, its media references rewritten to member names) and one member per
-media file (``KEY.media_0.mp4``, frame lists as ``KEY.media_1.f0000.jpg`` …). Keys are zero-padded running numbers
-because webdataset splits a member name at the first dot, and record ids may contain dots or slashes.
+media file (``KEY.media_0.mp4``, frame lists as ``KEY.media_1.f0000.jpg`` …); in frame shards (``frames``, see
+``data_pipelines.frame_shards``) each video, file or frame list, is one ``KEY.media_0.frames.npz`` instead. Keys are
+zero-padded running numbers because webdataset splits a member name at the first dot, and record ids may contain
+dots or slashes.
 Bad lines (JSON, schema, missing/empty/corrupt media, wrong extension) are written to ``skipped.jsonl`` with a
 reason and counted; they never stop the run.
 """
@@ -15,14 +17,18 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import webdataset as wds
 
 from data_pipelines.schema import ContentItem, SampleRecord, SchemaError, validate_record
+
+if TYPE_CHECKING:
+    from data_pipelines.frame_shards import FrameEncoding
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,20 @@ def _load_check(kind: str, data: bytes, options: dict[str, Any]) -> None:
         load_video(data, VideoOptions(**{k: v for k, v in options.items() if v is not None}))
 
 
+@contextmanager
+def _load_problems(kind: str, name: str) -> Iterator[None]:
+    """Errors of the trainer's loaders as ``MediaProblem`` with their skip reason."""
+    from data_pipelines.media import MediaError
+
+    try:
+        yield
+    except MediaError as exc:
+        reason = "corrupt_media" if exc.reason in ("corrupt", "empty", "no_video") else f"media_{exc.reason}"
+        raise MediaProblem(reason, f"{name}: {exc}") from exc
+    except Exception as exc:  # a loader bug or an exotic codec error must skip one sample, not the run
+        raise MediaProblem("corrupt_media", f"{name}: cannot load {kind}: {type(exc).__name__}: {exc}") from exc
+
+
 def check_media_bytes(
     kind: str, data: bytes, name: str, depth: str = "load", options: dict[str, Any] | None = None
 ) -> None:
@@ -116,15 +136,8 @@ def check_media_bytes(
     if depth == "none":
         return
     if depth == "load":
-        from data_pipelines.media import MediaError
-
-        try:
+        with _load_problems(kind, name):
             _load_check(kind, data, options or {})
-        except MediaError as exc:
-            reason = "corrupt_media" if exc.reason in ("corrupt", "empty", "no_video") else f"media_{exc.reason}"
-            raise MediaProblem(reason, f"{name}: {exc}") from exc
-        except Exception as exc:  # a loader bug or an exotic codec error must skip one sample, not the run
-            raise MediaProblem("corrupt_media", f"{name}: cannot load {kind}: {type(exc).__name__}: {exc}") from exc
         return
     try:
         if kind == "image":
@@ -195,11 +208,25 @@ def check_media_files(record: SampleRecord, root: str | os.PathLike) -> None:
                 raise MediaProblem("empty_media", f"{rel}: file is empty")
 
 
-def _collect_media(record: SampleRecord, root: Path, check: str) -> dict[str, bytes]:
-    """Read every media file of ``record`` and rewrite its references to member names (in place)."""
+def _collect_media(record: SampleRecord, root: Path, check: str, frames: FrameEncoding | None) -> dict[str, bytes]:
+    """Read every media file of ``record`` and rewrite its references to member names (in place); with ``frames``,
+    each video is read by the trainer's loader (that is its media check) and stored as one frame member."""
     media: dict[str, bytes] = {}
     for i, item in enumerate(record.media_items()):
-        if item.type == "video" and isinstance(item.video, list):
+        if item.type == "video" and frames is not None:
+            from data_pipelines.frame_shards import FRAMES_SUFFIX, frames_member
+
+            name = f"media_{i}{FRAMES_SUFFIX}"
+            if isinstance(item.video, list):
+                source: bytes | list[bytes] = [_read_media(root, rel, "image", check, {}) for rel in item.video]
+                path = item.video[0]
+            else:
+                assert isinstance(item.video, str)
+                source, path = _read_media(root, item.video, "video", "none", {}), item.video
+            with _load_problems("video", path):
+                media[name] = frames_member(source, item.options, frames, path)
+            item.video = name
+        elif item.type == "video" and isinstance(item.video, list):
             names = []
             for j, rel in enumerate(item.video):
                 name = f"media_{i}.f{j:04d}{_ext(rel)}"
@@ -265,12 +292,15 @@ def write_shards(
     prefix: str = "shard",
     progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    frames: FrameEncoding | None = None,
 ) -> ShardReport:
     """Convert a JSONL file of sample records into webdataset shards under ``out_dir``.
 
     Writes ``{prefix}-NNNNNN.tar``, ``manifest.json`` and ``skipped.jsonl``; returns the report. ``media_check``
     is ``none``, ``open`` (header + first frame), ``decode`` (every frame) or ``load`` (the trainer's loaders).
     ``on_record`` is called with every record written (as stored, media references rewritten to member names).
+    ``frames``: write frame shards (videos decoded once, stored as frames; ``manifest.json`` says so under
+    ``frames``, ``null`` for shards holding the video files).
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -312,7 +342,7 @@ def write_shards(
                     raise MediaProblem("schema", str(exc)) from exc
                 if record.id in seen_ids:
                     raise MediaProblem("duplicate_id", f"id {record.id!r} already written")
-                media = _collect_media(record, root, media_check)
+                media = _collect_media(record, root, media_check, frames)
             except MediaProblem as exc:
                 report.num_skipped += 1
                 report.skipped_by_reason[exc.reason] += 1
@@ -331,7 +361,13 @@ def write_shards(
         bar.close()
     sink.close()
     report.seconds = time.perf_counter() - start
-    manifest = dict(report.manifest, input=str(input_path), media_root=str(root), media_check=media_check)
+    manifest = dict(
+        report.manifest,
+        input=str(input_path),
+        media_root=str(root),
+        media_check=media_check,
+        frames=frames.manifest() if frames is not None else None,
+    )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     log.info("%s", report.summary())
     return report

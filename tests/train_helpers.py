@@ -180,6 +180,7 @@ def run_config(out_dir: Path, model_yaml: Path, shards: list[str] | dict[str, li
             "lookahead": 4,
             "image_min_pixels": 3136,
             "image_max_pixels": 6272,
+            "num_workers": 0,  # in-process loading (the default sizes workers for a GPU's consumption)
         },
         "max_steps": 4,
         "grad_accum_steps": 1,

@@ -34,8 +34,26 @@ class SourceConfig:
     weight: float = 1.0
 
 
+# Data-loader workers one GPU needs (tools/bench_loader.py, README "Frame shards"): the reasoning is DataConfig's.
+LOADER_WORKERS_PER_GPU = 5
+
+
 @dataclass
 class DataConfig:
+    """What a run reads and how (sources, row length, media options, loader processes).
+
+    ``num_workers`` dataloader processes decode media, each limited to one thread per library
+    (``train.data.limit_worker_threads``) so that workers never oversubscribe cores. The default (``None``) is
+    ``LOADER_WORKERS_PER_GPU`` = 5, capped at this rank's share of the CPUs less one for the rank itself. Why 5:
+    a 1.7B config (configs/model/keye_1_7b.yaml) at 45-50% MFU on one H100 consumes ~47.5K tokens/s (issue 17's
+    estimate, not yet measured on a GPU), and tools/bench_loader.py measured 10.0-10.6K tokens per CPU-second
+    from mp4 shards of real clips into 8K rows (~2 samples/s; 49-54K from lossless frame shards) on a busy 2-core
+    VM: 4.5-4.8 cores, so 5 workers, for mp4 shards; frame shards need one. ``prefetch_factor`` = 2 rows per
+    worker: the GPU takes an 8K row every ~0.17 s and the slowest real clip took up to 1.1 s to load, so the 10
+    rows that 5 workers hold ready cover it; a row of mostly video holds ~47 MB of float32 patches, ~0.5 GB per
+    rank at 10 rows.
+    """
+
     sources: list[SourceConfig] = field(default_factory=list)
     max_seq_len: int = 8192
     truncate: bool = True
@@ -48,7 +66,10 @@ class DataConfig:
     image_min_pixels: int | None = None
     image_max_pixels: int | None = None
     video: dict[str, Any] = field(default_factory=dict)  # VideoOptions overrides (fps, max_frames, …)
-    num_workers: int = 0  # dataloader processes decoding media; their states are checkpointed per worker
+    # dataloader processes decoding media (None: LOADER_WORKERS_PER_GPU within this rank's CPUs less one, see the
+    # docstring); their states are checkpointed per worker, so a resume needs the same number
+    num_workers: int | None = None
+    prefetch_factor: int = 2  # packed rows each worker holds ready (see the docstring)
     # Stop with the top skip reasons when this many records in a row give no usable sample (0: never stop).
     max_rejected_in_a_row: int = 10000
     # Drop records whose response breaks the grammar of their SFT mode (train.sft_mix.filter_by_mode, mode from

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -16,24 +17,37 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
+from data_pipelines.frame_shards import check_manifest_options, is_frames_member, read_frames_member
+from data_pipelines.media import VideoClip, VideoOptions
 from data_pipelines.packing import Packer
-from data_pipelines.reader import MappedStream, ShardStream, SourceSpec
+from data_pipelines.reader import MappedStream, ShardStream, SourceSpec, expand_shards
 from keye.encoded import IGNORE_INDEX, EncodedSample, PackedBatch
 from keye.loss import shift_labels
 from keye.processing import KeyeVLProcessor
-from train.config import DataConfig, resolve_path
+from train.config import LOADER_WORKERS_PER_GPU, DataConfig, resolve_path
 
 log = logging.getLogger(__name__)
 
 
-def with_media_bytes(record: dict[str, Any], media: dict[str, bytes]) -> list[dict]:
-    """The record's messages with member names replaced by the member bytes (frame lists become lists of bytes)."""
+def with_media_bytes(
+    record: dict[str, Any], media: dict[str, bytes], video_options: Callable[[dict], VideoOptions] | None = None
+) -> list[dict]:
+    """The record's messages with member names replaced by the member bytes (frame lists become lists of bytes).
+
+    A frame-shard video (``media_<i>.frames.npz``) becomes its ``VideoClip``, checked against
+    ``video_options(item)`` (the processor's options for that item), which such a record therefore needs.
+    """
     where = f"record {record.get('id')!r}"
 
     def member(name: Any) -> bytes:
         if not isinstance(name, str) or name not in media:
             raise ValueError(f"{where}: media member {name!r} not in the sample (members: {sorted(media)})")
         return media[name]
+
+    def video_clip(item: dict, name: str) -> VideoClip:
+        if video_options is None:
+            raise ValueError(f"{where}: frame-shard video {name!r} read without the run's video options")
+        return read_frames_member(member(name), video_options(item), f"{where} {name}")
 
     messages = []
     for msg in record.get("messages") or []:
@@ -42,7 +56,9 @@ def with_media_bytes(record: dict[str, Any], media: dict[str, bytes]) -> list[di
             items = []
             for item in content:
                 kind = item.get("type")
-                if kind in ("image", "video"):
+                if kind == "video" and isinstance(item[kind], str) and is_frames_member(item[kind]):
+                    item = {**item, kind: video_clip(item, item[kind])}
+                elif kind in ("image", "video"):
                     ref = item[kind]
                     item = {**item, kind: [member(n) for n in ref] if isinstance(ref, list) else member(ref)}
                 items.append(item)
@@ -58,7 +74,7 @@ def make_encoder(processor: KeyeVLProcessor, mode: str | None) -> Callable[[tupl
 
     def encode(sample: tuple[dict, dict]) -> EncodedSample:
         record, media = sample
-        messages = with_media_bytes(record, media)
+        messages = with_media_bytes(record, media, processor.video_options)
         out = processor.encode_conversation(
             messages,
             mode=record.get("mode", mode),
@@ -249,18 +265,51 @@ def record_stream(cfg: DataConfig, seed: int, rank: int, world: int, guard: Prog
     return stream
 
 
+WORKER_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def limit_worker_threads(worker_id: int = 0) -> None:
+    """Data-loader worker start-up: one intra-op thread per library, so ``W`` workers use about ``W`` cores.
+
+    Left alone, torch (one OpenMP thread per core), OpenCV's pool (Slow-Fast HSV conversion) and OpenMP/MKL/BLAS in
+    libraries loaded later each start a thread per core in every worker, and ``W`` workers then run ``W`` x cores
+    threads against each other and the trainer. FFmpeg decodes with ``VideoOptions.decode_threads``, which follows
+    torch's thread count unless a config sets it, so one thread here; a video read overlaps its decoding with its
+    tensor work on a second thread (``data_pipelines.overlap``).
+    """
+    import cv2
+
+    for var in WORKER_THREAD_VARS:
+        os.environ[var] = "1"
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def loader_workers(configured: int | None) -> int:
+    """``data.num_workers``, or when it is ``None`` the default of ``train.config.DataConfig``: the workers one GPU
+    needs, within the CPUs this rank's share of the machine leaves after its own process."""
+    if configured is not None:
+        return configured
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(LOADER_WORKERS_PER_GPU, per_rank - 1))
+
+
 class StreamData:
     """This rank's micro-batches from a stateful stream of batch units (``group`` units per micro-batch, joined by
-    ``combine``), read in-process or by ``num_workers`` dataloader processes, with an exact ``state_dict``."""
+    ``combine``), read in-process or by ``num_workers`` dataloader processes (``None``: ``loader_workers``' default),
+    each holding ``prefetch_factor`` units ready, with an exact ``state_dict``."""
 
     def __init__(
         self,
         units: IterableDataset,
-        num_workers: int,
+        num_workers: int | None,
         group: int = 1,
         combine: Callable[[list[Any]], Any] | None = None,
         reader: ShardStream | None = None,
+        prefetch_factor: int = 2,
     ) -> None:
+        num_workers = loader_workers(num_workers)
         self.units, self.group, self.num_workers = units, group, num_workers
         self.combine = combine or (lambda items: items[0])
         self.reader = reader
@@ -268,13 +317,26 @@ class StreamData:
         if num_workers > 0:
             from torchdata.stateful_dataloader import StatefulDataLoader
 
-            self.loader = StatefulDataLoader(units, batch_size=None, num_workers=num_workers, persistent_workers=True)
+            self.loader = StatefulDataLoader(
+                units,
+                batch_size=None,
+                num_workers=num_workers,
+                persistent_workers=True,
+                prefetch_factor=prefetch_factor,
+                worker_init_fn=limit_worker_threads,
+            )
         self._it: Iterator[Any] | None = None
         self.resumed = False
 
     def next(self) -> Any:
         """The next micro-batch; raises ``StopIteration`` when finite sources are done."""
         if self._it is None:
+            if self.num_workers > 0:
+                import cv2
+
+                # a worker forked while this process's OpenCV pool has threads hangs resizing it (measured): the
+                # trainer decodes nothing itself once workers do, so its OpenCV goes single-threaded before they start
+                cv2.setNumThreads(1)
             self._it = iter(self.loader)
         items = []
         for _ in range(self.group):
@@ -337,6 +399,8 @@ class TrainData(StreamData):
     def __init__(
         self, cfg: DataConfig, processor: KeyeVLProcessor, seed: int, rank: int, world: int, micro_batch_rows: int = 1
     ) -> None:
+        for source in cfg.sources:  # frame shards bake in their video options: a different run's fails here
+            check_manifest_options(expand_shards([resolve_path(p) for p in source.shards]), processor.config.video)
         guard = ProgressGuard(cfg.max_rejected_in_a_row)
         records = record_stream(cfg, seed, rank, world, guard)
         mapped = MappedStream(records, make_encoder(processor, cfg.mode), errors=(ValueError, OSError))
@@ -347,7 +411,9 @@ class TrainData(StreamData):
             lookahead=cfg.lookahead,
             pad_to_multiple_of=cfg.pad_to_multiple_of,
         )
-        super().__init__(self.packer, cfg.num_workers, micro_batch_rows, concat_rows, reader_of(records))
+        super().__init__(
+            self.packer, cfg.num_workers, micro_batch_rows, concat_rows, reader_of(records), cfg.prefetch_factor
+        )
 
 
 class ShardedData:

@@ -340,7 +340,7 @@ class PairEncoder:
 
     def __call__(self, sample: tuple[dict, dict]) -> tuple[torch.Tensor, list[int], torch.Tensor, str]:
         record, media = sample
-        messages = with_media_bytes(record, media)
+        messages = with_media_bytes(record, media, self.processor.video_options)
         item = next(i for m in messages if m["role"] == "user" for i in m["content"] if i.get("type") == "image")
         patches, grid = self.processor.encode_image(item)
         ids = self.tokenizer(caption_of(record), max_length=self.max_text_len, truncation=True, padding="max_length")[
@@ -394,4 +394,5 @@ def pair_data(
     guard = ProgressGuard(cfg.max_rejected_in_a_row)
     records = RecordFilter(record_stream(cfg, seed, rank, world, guard), pair_rejection, "pair")
     pairs = MappedStream(records, PairEncoder(processor, tokenizer, sig.max_text_len), errors=(ValueError, OSError))
-    return StreamData(PairBatches(guarded(pairs, guard), sig.batch_size), cfg.num_workers, reader=reader_of(records))
+    batches = PairBatches(guarded(pairs, guard), sig.batch_size)
+    return StreamData(batches, cfg.num_workers, reader=reader_of(records), prefetch_factor=cfg.prefetch_factor)

@@ -1,5 +1,6 @@
 """``keye shards``: JSONL conversations + media → webdataset shards, manifest and skip report, then how many of the
-written records fit each SFT mode (``keye check-data`` gives the per-record detail)."""
+written records fit each SFT mode (``keye check-data`` gives the per-record detail). ``--frames`` writes frame shards
+(``data_pipelines.frame_shards``): each video decoded once, with the video options the run will train with."""
 
 from __future__ import annotations
 
@@ -24,6 +25,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-source", default=None, help="source name for records without a 'source'")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    frames = parser.add_argument_group(
+        "frame shards", "decode each video once: store its sampled frames typed, sized and timestamped"
+    )
+    frames.add_argument(
+        "--frames", action="store_true", help="write frame shards (the trainer reads them like video shards)"
+    )
+    frames.add_argument(
+        "--frames-codec",
+        choices=("webp-lossless", "jpeg"),
+        default="webp-lossless",
+        help="frame encoding: lossless WebP (default: patches equal decoding the video) or lossy JPEG (smaller)",
+    )
+    frames.add_argument("--frames-quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
+    frames.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint whose video options (keye_processor_config.json) the frames are read with (default: the "
+        "defaults); training must read videos with the same options",
+    )
+    frames.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a video option on top of --model's (fps, max_frames, max_pixels, …), as data.video.KEY in a run config",
+    )
+
+
+def frame_encoding(args: argparse.Namespace):
+    """The ``FrameEncoding`` of ``--frames``: codec, quality and the video options the frames are read with."""
+    import dataclasses
+
+    from data_pipelines.frame_shards import FrameEncoding
+    from data_pipelines.media import VideoOptions
+    from data_pipelines.schema import VIDEO_OPTIONS
+
+    video = VideoOptions()
+    if args.model:
+        from keye.processing import load_processor_config
+
+        video = load_processor_config(args.model).video
+    changes = {}
+    for pair in args.video:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in VIDEO_OPTIONS:
+            raise ValueError(f"--video {pair!r}: expected KEY=VALUE with KEY one of {sorted(VIDEO_OPTIONS)}")
+        kind = str if isinstance(getattr(video, key), str) else VIDEO_OPTIONS[key]  # the schema lists numbers only
+        if value.lower() in ("none", "null"):
+            changes[key] = None
+        elif kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"--video {pair!r}: expected true or false")
+            changes[key] = value.lower() == "true"
+        else:
+            try:
+                changes[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"--video {pair!r}: expected {kind.__name__}, found {value!r}") from None
+    return FrameEncoding(args.frames_codec, args.frames_quality, dataclasses.replace(video, **changes))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     tally = ModeTally()
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    frames = frame_encoding(args) if args.frames else None
     report = write_shards(
         args.input,
         args.media_root,
@@ -42,8 +103,12 @@ def run(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         progress=not args.no_progress,
         on_record=lambda record: tally.add(fit_modes(record)),
+        frames=frames,
     )
     print(report.summary())
+    if frames is not None:
+        quality = "" if frames.lossless else f" quality {frames.quality}"
+        print(f"frame shards ({frames.codec}{quality}); video options baked in: see {args.out}/manifest.json 'frames'")
     if report.num_skipped:
         print(f"skip details: {args.out}/skipped.jsonl")
     # Which SFT mode each written record fits (informational: pretraining data need not fit any).
