@@ -91,24 +91,51 @@ def run_single_threaded(fn: Callable[..., R], *args, **kwargs) -> R:
     return result[0]
 
 
-def ordered_parallel(jobs: Sequence[Callable[[], Iterator[T]]], workers: int, depth: int = 16) -> Iterator[T]:
-    """The items of ``jobs[0]()``, then of ``jobs[1]()``, …, with up to ``workers`` jobs running at once on worker
-    threads (one torch intra-op thread each).
+class _Offloaded:
+    """An item handed to an idle worker to finish; the consumer waits for it in its place."""
 
-    Memory stays bounded: jobs start in order, at most ``workers + 1`` are started and not yet consumed, and each
-    holds at most ``depth`` finished items. An exception in a job re-raises in the consumer once its items are
-    reached; a consumer that stops early stops the workers, which close their job iterators.
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: object = None
+        self.error: BaseException | None = None
+
+    def result(self) -> object:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def ordered_parallel(
+    jobs: Sequence[Callable[[], Iterator[T]]],
+    workers: int,
+    depth: int = 16,
+    finish: Callable[[T], R] | None = None,
+) -> Iterator[T] | Iterator[R]:
+    """``finish(item)`` for the items of ``jobs[0]()``, then of ``jobs[1]()``, …, with up to ``workers`` jobs
+    running at once on worker threads (one torch intra-op thread each).
+
+    A job's thread finishes its own items, except while another worker is idle (no job left to start): then it
+    hands them over, so the last, longest job is not alone at the end. Memory stays bounded: jobs start in order,
+    at most ``workers + 1`` are started and not yet consumed, each holds at most ``depth`` items, and items are
+    handed over only to waiting workers. An exception in a job or in ``finish`` re-raises in the consumer once
+    its place is reached; a consumer that stops early stops the workers, which close their job iterators.
     """
     if not jobs:
         return
-    if workers <= 1 or len(jobs) == 1:
-        yield from read_ahead(itertools.chain.from_iterable(job() for job in jobs), depth)
+    finish_item: Callable = finish if finish is not None else (lambda item: item)
+    if workers <= 1:
+        yield from read_ahead((finish_item(item) for job in jobs for item in job()), depth)
         return
     outputs = [queue.Queue(maxsize=max(1, depth)) for _ in jobs]
+    offload: queue.Queue = queue.Queue()
     stop = threading.Event()
     window = threading.Semaphore(workers + 1)
     claim = itertools.count()
-    claim_lock = threading.Lock()
+    lock = threading.Lock()
+    state = {"idle": 0, "unfinished": len(jobs)}
 
     def put(q: queue.Queue, item: object) -> bool:
         while not stop.is_set():
@@ -119,30 +146,60 @@ def ordered_parallel(jobs: Sequence[Callable[[], Iterator[T]]], workers: int, de
                 continue
         return False
 
+    def run_job(j: int) -> None:
+        items = None
+        try:
+            items = jobs[j]()
+            for item in items:
+                if finish is not None and state["idle"] > 0:
+                    slot = _Offloaded()
+                    offload.put((slot, item))
+                    entry: object = slot
+                else:
+                    entry = (finish_item(item),)
+                if not put(outputs[j], entry):
+                    return
+            put(outputs[j], _DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it in order
+            put(outputs[j], exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+            with lock:
+                state["unfinished"] -= 1
+
+    def help_others() -> None:
+        while not stop.is_set():
+            with lock:
+                if state["unfinished"] == 0 and offload.empty():
+                    return
+                state["idle"] += 1
+            try:
+                slot, item = offload.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            finally:
+                with lock:
+                    state["idle"] -= 1
+            try:
+                slot.value = finish_item(item)
+            except BaseException as exc:
+                slot.error = exc
+            slot.done.set()
+
     def work() -> None:
         torch.set_num_threads(1)
         while not stop.is_set():
             if not window.acquire(timeout=0.1):
                 continue
-            with claim_lock:
+            with lock:
                 j = next(claim)
             if j >= len(jobs):
                 window.release()
+                help_others()
                 return
-            items = None
-            try:
-                items = jobs[j]()
-                for item in items:
-                    if not put(outputs[j], (item,)):
-                        return
-            except BaseException as exc:  # handed to the consumer, which re-raises it in order
-                put(outputs[j], exc)
-                return
-            finally:
-                close = getattr(items, "close", None)
-                if close is not None:
-                    close()
-            put(outputs[j], _DONE)
+            run_job(j)
 
     threads = [threading.Thread(target=work, name=f"keye-decode-{k}", daemon=True) for k in range(workers)]
     for thread in threads:
@@ -150,14 +207,25 @@ def ordered_parallel(jobs: Sequence[Callable[[], Iterator[T]]], workers: int, de
     try:
         for out in outputs:
             while True:
-                item = out.get()
-                if item is _DONE:
+                entry = out.get()
+                if entry is _DONE:
                     break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item[0]
+                if isinstance(entry, BaseException):
+                    raise entry
+                yield entry.result() if isinstance(entry, _Offloaded) else entry[0]
             window.release()
     finally:
         stop.set()
+        for slot, _ in _drain(offload):
+            slot.done.set()
         for thread in threads:
             thread.join()
+
+
+def _drain(q: queue.Queue) -> list:
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items

@@ -29,6 +29,7 @@ import bisect
 import io
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -205,8 +206,15 @@ def _av_probe(source: str | bytes, label: str) -> tuple[VideoMeta, list[int], li
     return meta, sorted(pts), sorted(key_pts)
 
 
-def _rgb_array(reformatter: VideoReformatter, frame: av.VideoFrame) -> np.ndarray:
-    """RGB24 through swscale, as decord converts (pixels identical to decord's)."""
+_reformatters = threading.local()
+
+
+def _rgb_array(frame: av.VideoFrame) -> np.ndarray:
+    """RGB24 through swscale, as decord converts (pixels identical to decord's), with this thread's swscale
+    context (a fresh one per frame costs ~1 ms; one context must not convert on two threads at once)."""
+    reformatter = getattr(_reformatters, "value", None)
+    if reformatter is None:
+        reformatter = _reformatters.value = VideoReformatter()
     return reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
@@ -229,11 +237,9 @@ def decode_parts(indices: list[int], pts: list[int], key_pts: list[int]) -> list
     return parts
 
 
-def _av_part(
-    source: str | bytes, label: str, part: Part, threads: int, work: Callable[[np.ndarray], T]
-) -> Iterator[tuple[int, T]]:
+def _av_part(source: str | bytes, label: str, part: Part, threads: int) -> Iterator[tuple[int, av.VideoFrame]]:
     """Decode one part's sampled frames, leaving out unsampled frames that nothing references, and yield
-    ``(position, work(rgb))`` for each.
+    ``(position, frame)`` for each (still YUV: converting is the caller's, possibly on another thread).
 
     H.264 (nearly all real footage): such packets are recognised from their NAL headers (``h264_nal``) and never
     sent to the decoder, which then runs ``threads`` frame threads. Other codecs: the decoder is asked to skip
@@ -242,7 +248,6 @@ def _av_part(
     """
     start_pts, wanted = part
     pending = dict(wanted)
-    rgb = VideoReformatter()  # one swscale context per part (a fresh one per frame costs ~1 ms)
     with _av_open(source, label, probe_decoding=False) as container:
         stream = _av_video_stream(container, label)
         codec = stream.codec_context
@@ -274,13 +279,13 @@ def _av_part(
                 for frame in frames:
                     pos = pending.pop(frame.pts, None)
                     if pos is not None:
-                        yield pos, work(_rgb_array(rgb, frame))
+                        yield pos, frame
                 if not pending or not unsent:
                     break
         except av.error.FFmpegError as exc:
             raise MediaError("corrupt", f"decoding failed: {exc}", label) from exc
     if pending and start_pts is not None:
-        yield from _av_part(source, label, (None, pending), threads, work)
+        yield from _av_part(source, label, (None, pending), threads)
     elif pending:
         raise MediaError("corrupt", f"only {len(wanted) - len(pending)} of {len(wanted)} sampled frames decoded", label)
 
@@ -332,6 +337,10 @@ def _keep(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def _finish(work: Callable[[np.ndarray], T], item: tuple[int, av.VideoFrame]) -> tuple[int, T]:
+    return item[0], work(_rgb_array(item[1]))
+
+
 def open_video(source: str | bytes | os.PathLike, options: VideoOptions) -> tuple[VideoMeta, Decode]:
     """Probe a video; return its metadata and ``decode(indices, work)``, which yields ``(position, work(rgb))``
     for the frames at sorted ``indices`` in order, ``rgb`` a uint8 ``[H, W, 3]`` array.
@@ -358,8 +367,8 @@ def open_video(source: str | bytes | os.PathLike, options: VideoOptions) -> tupl
             def decode(indices: list[int], work: Callable[[np.ndarray], T] = _keep, depth: int = 16) -> FrameIter:
                 parts = decode_parts(indices, pts, key_pts)
                 threads = workers if len(parts) == 1 else 1  # parts in parallel, or one part's frames
-                jobs = [partial(_av_part, src, label, p, threads, work) for p in parts]
-                return ordered_parallel(jobs, workers, depth)
+                jobs = [partial(_av_part, src, label, p, threads) for p in parts]
+                return ordered_parallel(jobs, workers, depth, finish=partial(_finish, work))
 
             return meta, decode
     else:

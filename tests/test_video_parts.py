@@ -223,3 +223,29 @@ def test_frame_buffer_shapes_and_is_writable():
     assert big.shape == (3, 720, 1280, 3) and big.dtype == torch.uint8 and int(big.sum()) == 7 * big.numel()
     small = empty_uint8((2, 3))
     assert small.shape == (2, 3)
+
+
+def test_ordered_parallel_finishes_in_order_and_idle_workers_help():
+    finished_by: dict[tuple[int, int], str] = {}
+
+    def finish(item):
+        time.sleep(0.005)
+        finished_by[item] = threading.current_thread().name
+        return item[0] * 100 + item[1]
+
+    jobs = [_job(0, n=30, delay=0.003), _job(1, n=1)]
+    assert list(ordered_parallel(jobs, workers=2, finish=finish)) == [i for i in range(30)] + [100]
+    # the worker that ran the short job had nothing left to start: it finished some of the long job's items
+    assert len({name for (k, _), name in finished_by.items() if k == 0}) == 2
+
+
+def test_ordered_parallel_reraises_finish_errors_in_order():
+    def finish(item):
+        if item == (1, 2):
+            raise ValueError("bad frame")
+        return item
+
+    out = ordered_parallel([_job(0), _job(1), _job(2)], workers=2, finish=finish)
+    assert [next(out) for _ in range(7)] == [(0, i) for i in range(5)] + [(1, 0), (1, 1)]
+    with pytest.raises(ValueError, match="bad frame"):
+        next(out)
