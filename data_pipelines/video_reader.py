@@ -12,7 +12,8 @@ What differs is how the work is done:
   If PyAV cannot read the file, decord (the original's reader) is tried. ``backend="decord"`` forces decord.
 - **Parallel parts** (``overlap.ordered_parallel``): the sampled frames split at IDR frames into parts that decode
   independently, each on its own container, on ``decoder_threads`` worker threads; a part's thread also converts
-  its frames and computes their similarity features. The caller types and stores frames in order. One part (a
+  its frames and computes their similarity features, unless a worker has no part left to start: that one takes
+  them over. The caller types and stores frames in order. One part (a
   single IDR frame) decodes with FFmpeg frame threads instead. Measured on real footage: decoding the reference
   frames is ~60-70% of the CPU time, so two parts in parallel are what makes a read fast on 2 cores.
 - **Streaming**: each frame is typed on arrival (``SlowFastSelector``) and stored (``_FrameStore``): at decoded
