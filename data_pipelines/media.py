@@ -6,6 +6,9 @@ them here, in one small module, is the agreed interface between the two.
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -61,6 +64,25 @@ def size_text(hw: Sequence[int]) -> str:
     return f"{width}x{height} (w×h)"
 
 
+def _checked_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the field type ``hint`` (``int``, ``float``, ``bool``, ``str``, optionally ``| None``) wants
+    it; ints are accepted for floats, nothing else is converted."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    wanted = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise ValueError(f"{where}: expected {wanted}, got {value!r}")
+
+
 @dataclass
 class VideoOptions:
     """Per-video reading options (keys as in a message's ``{"type": "video", ...}`` item)."""
@@ -97,6 +119,21 @@ class VideoOptions:
         ``max_frames``."""
         cap = int(self.video_total_pixels / self.min_pixels)
         return cap if self.max_frames is None else min(int(self.max_frames), cap)
+
+    def with_changes(self, changes: Mapping[str, Any], where: str = "video") -> VideoOptions:
+        """These options with ``changes`` applied, each checked against its field's type: a misspelt name
+        (``fsp``) or a wrong type (``max_frames: two``) is a ``ValueError`` naming ``where.key``, raised where a
+        config is loaded rather than after a run has started."""
+        names = [f.name for f in fields(VideoOptions)]
+        hints = typing.get_type_hints(VideoOptions)
+        checked: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"{where}.{key}: unknown video option{hint}; known: {', '.join(names)}")
+            checked[key] = _checked_value(value, hints[key], f"{where}.{key}")
+        return replace(self, **checked)
 
     def for_item(self, item: Mapping[str, Any]) -> VideoOptions:
         """The options a message's video item is read with: these, with the item's own keys (``fps``,

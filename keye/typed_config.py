@@ -70,6 +70,9 @@ def _structured(cls: type[T], layers: list[tuple[str, Any]]) -> T:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"{cls.__name__}: key '{key}': {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # a config dataclass's own check (``__post_init__``), which names the key
+        sources = " + ".join(source for source, _ in layers) or cls.__name__
+        raise ConfigError(f"{sources}: {exc}") from None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

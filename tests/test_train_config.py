@@ -29,6 +29,22 @@ def test_unknown_key_names_itself_and_the_source(tmp_path):
         load_train_config(None, [*BASE, "max_steps=ten"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.video.fsp=2", r"data\.video\.fsp: unknown video option \(did you mean 'fps'\?\)"),
+        ("data.video.max_frames=two", r"data\.video\.max_frames: expected int or null, got 'two'"),
+        ("data.video.slow_fast=1", r"data\.video\.slow_fast: expected bool, got 1"),
+    ],
+)
+def test_video_options_are_checked_when_the_config_loads(override, message):
+    """A bad ``data.video`` key or value fails at load, naming itself and the sources, not after start-up."""
+    with pytest.raises(ConfigError, match=r"tiny_stage0\.yaml \+ command-line override: " + message):
+        load_train_config(REPO / "configs/pretrain/tiny_stage0.yaml", [override])
+    cfg = load_train_config(REPO / "configs/pretrain/tiny_stage0.yaml", ["data.video.fps=1", "data.video.max_frames=8"])
+    assert cfg.data.video == {"fps": 1, "max_frames": 8}
+
+
 def test_cli_reports_a_bad_key_in_one_line(tmp_path, capsys):
     from keye.cli.main import main
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.media import VideoOptions
 from keye.typed_config import ConfigError, config_layers, load_config
 
 MODULES = ("vit", "projector", "llm")
@@ -65,7 +66,7 @@ class DataConfig:
     mode: str | None = None  # reasoning mode passed to the processor (think / no_think / auto)
     image_min_pixels: int | None = None
     image_max_pixels: int | None = None
-    video: dict[str, Any] = field(default_factory=dict)  # VideoOptions overrides (fps, max_frames, …)
+    video: dict[str, Any] = field(default_factory=dict)  # VideoOptions overrides (fps, max_frames, …), checked at load
     # dataloader processes decoding media (None: LOADER_WORKERS_PER_GPU within this rank's CPUs less one, see the
     # docstring); their states are checkpointed per worker, so a resume needs the same number
     num_workers: int | None = None
@@ -78,6 +79,10 @@ class DataConfig:
     # An SFT mix YAML (configs/sft/*.yaml, train.sft_mix): its weighted sources become data.sources and
     # check_modes turns on. Give either mix or sources.
     mix: str | None = None
+
+    def __post_init__(self) -> None:
+        # data.video.fsp=2 or data.video.max_frames=two fail here, at load, not after distributed start-up
+        VideoOptions().with_changes(self.video, "data.video")
 
 
 @dataclass

@@ -97,11 +97,7 @@ def configure_processor(processor: KeyeVLProcessor, cfg: DataConfig) -> KeyeVLPr
     if cfg.image_max_pixels is not None:
         changes["max_pixels"] = cfg.image_max_pixels
     if cfg.video:
-        known = {f.name for f in dataclasses.fields(pc.video)}
-        unknown = sorted(set(cfg.video) - known)
-        if unknown:
-            raise ValueError(f"data.video: unknown video option '{unknown[0]}' (known: {sorted(known)})")
-        changes["video"] = dataclasses.replace(pc.video, **cfg.video)
+        changes["video"] = pc.video.with_changes(cfg.video, "data.video")
     processor.config = dataclasses.replace(pc, **changes)
     return processor
 
