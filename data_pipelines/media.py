@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .resize import PIXELS_PER_TOKEN
+
 SLOW = 0
 FAST = 1
 
@@ -64,6 +66,12 @@ def size_text(hw: Sequence[int]) -> str:
     return f"{width}x{height} (w×h)"
 
 
+# keye-vl-utils 1.5.2's video budget, the one definition (slowfast, eval and the processor defaults read these)
+VIDEO_MIN_PIXELS = 48 * PIXELS_PER_TOKEN  # the smallest frame is 48 merged tokens
+VIDEO_MAX_PIXELS = 768 * PIXELS_PER_TOKEN  # the largest slow frame is 768 merged tokens
+VIDEO_TOTAL_PIXELS = 65536 * PIXELS_PER_TOKEN  # token budget of the whole video
+
+
 def _checked_value(value: Any, hint: Any, where: str) -> Any:
     """``value`` as the field type ``hint`` (``int``, ``float``, ``bool``, ``str``, optionally ``| None``) wants
     it; ints are accepted for floats, nothing else is converted."""
@@ -91,9 +99,9 @@ class VideoOptions:
     # when fps is given (KEYE_FACTS Part A §3)
     fps: float | None = None
     max_frames: int | None = None
-    min_pixels: int = 48 * 784  # VIDEO_MIN_PIXELS: the smallest frame is 48 merged tokens
-    max_pixels: int = 768 * 784  # the largest slow frame is 768 merged tokens
-    video_total_pixels: int = 65536 * 784  # token budget of the whole video × 784
+    min_pixels: int = VIDEO_MIN_PIXELS
+    max_pixels: int = VIDEO_MAX_PIXELS
+    video_total_pixels: int = VIDEO_TOTAL_PIXELS
     min_frame_similarity: float = 0.90  # shipped code's threshold (the paper says 0.95)
     fast_token_ratio: float = 0.3
     slow_fast: bool = True  # False: every frame slow, the budget split evenly

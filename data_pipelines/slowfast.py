@@ -22,12 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .media import FAST, SLOW
+from .media import FAST, SLOW, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS
 from .resize import IMAGE_FACTOR, PIXELS_PER_TOKEN, smart_resize
 
-VIDEO_MIN_PIXELS = 48 * PIXELS_PER_TOKEN
-VIDEO_MAX_PIXELS = 768 * PIXELS_PER_TOKEN
-VIDEO_TOTAL_PIXELS = 65536 * PIXELS_PER_TOKEN
 SIMILARITY_MAX_PIXELS = 256 * PIXELS_PER_TOKEN  # frames are compared at <= 256 tokens
 PATCH_SIZE = 28
 PATCH_COSINE_THRESHOLD = 0.7
