@@ -41,6 +41,8 @@ def aggregate(
         "scoring": bench.scoring_note(judged),
         "judge": judged,
         "judged_samples": sum(1 for _, r in scored if r.get("scored_by") == "judge"),
+        # answers the rules could not decide and the judge never graded: scored wrong, counted here
+        "judge_failures": sum(1 for _, r in scored if r.get("judge_failed")),
     }
 
 
@@ -78,6 +80,8 @@ def markdown_report(results: dict[str, Any]) -> str:
             extra.append(f"{bench['skipped_rows']} unreadable rows skipped")
         if bench.get("errors"):
             extra.append(f"{bench['errors']} samples failed in the engine and are not scored")
+        if bench.get("judge_failures"):
+            extra.append(f"{bench['judge_failures']} answers the judge failed to grade, scored wrong")
         lines.append(f"- **{name}**: {bench['scoring']}" + (f" ({'; '.join(extra)})" if extra else ""))
     t = results.get("timing", {})
     if t:

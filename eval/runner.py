@@ -91,7 +91,8 @@ def load_all(benches: list[Benchmark], cfg: EvalConfig) -> tuple[list[Sample], d
 
 
 def make_record(sample: Sample, output: str, bench: Benchmark, judge: Any) -> dict[str, Any]:
-    ext, correct, how = bench.score(sample, output, judge)
+    check = bench.score(sample, output, judge)
+    ext = check.extracted
     return {
         "id": sample.id,
         "bench": sample.bench,
@@ -100,8 +101,9 @@ def make_record(sample: Sample, output: str, bench: Benchmark, judge: Any) -> di
         "extracted": ext.value,
         "status": ext.status,
         "answer": sample.answer,
-        "correct": bool(correct),
-        "scored_by": how,
+        "correct": check.correct,
+        "scored_by": check.how,
+        "judge_failed": check.judge_failed,
     }
 
 
@@ -244,6 +246,13 @@ def _run(cfg: EvalConfig, engine: Any, dist: Dist) -> dict[str, Any] | None:
         f"{results['timing']['samples_per_s']:.2f} samples/s); results in {out / 'results.json'}",
         file=sys.stderr,
     )
+    if results["judge_failures"]:
+        why = f"; last error: {judge.last_error}" if judge is not None and judge.last_error else ""
+        print(
+            f"eval: the judge failed to grade {results['judge_failures']} answers (scored wrong, counted as "
+            f"judge_failures in results.json){why}",
+            file=sys.stderr,
+        )
     return results
 
 
@@ -280,6 +289,7 @@ def finish(
         entry["errors"] = len(bench_errors)
         entry["error_samples"] = bench_errors[:50]
         results["benchmarks"][bench.name] = entry
+    results["judge_failures"] = sum(b["judge_failures"] for b in results["benchmarks"].values())
     accs = [b["overall"]["accuracy"] for b in results["benchmarks"].values() if b["overall"]["total"]]
     results["average"] = round(sum(accs) / len(accs), 2) if accs else 0.0
     results["config"] = to_dict(cfg)

@@ -210,3 +210,15 @@ def test_shipped_eval_configs_load(name):
     cfg = load_config(EvalConfig, Path(__file__).resolve().parents[1] / "configs" / "eval" / f"{name}.yaml")
     assert cfg.generation.temperature == 0.0 and cfg.media.video_total_pixels == 65536 * 784
     get_benchmarks(cfg.benchmarks or ["time"])
+
+
+def test_kc_mmbench_prompt_suffixes_match_the_reference():
+    from eval.benchmarks.base import Sample
+    from eval.benchmarks.kc_mmbench import SHORT_ANSWER_INSTRUCTION
+
+    for bench in get_benchmarks(["kc_mmbench"]):
+        sample = Sample(id="1", bench=bench.name, category="", kind=bench.task.kind, question="问题", answer="是")
+        suffix = (
+            YORN_INSTRUCTION if bench.name in ("Pornographic_Comment", "High_like", "SPU") else SHORT_ANSWER_INSTRUCTION
+        )
+        assert bench.prompt(sample) == "问题\n" + suffix, bench.name

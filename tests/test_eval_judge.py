@@ -80,7 +80,7 @@ def test_openai_judge_grades_vqa_and_rescues_unparseable(tmp_path, server, monke
     assert "judge: openai" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_engine_judge_and_unreachable_endpoint(tmp_path):
+def test_engine_judge_and_unreachable_endpoint(tmp_path, capsys):
     write_kc(
         tmp_path,
         {
@@ -108,5 +108,11 @@ def test_engine_judge_and_unreachable_endpoint(tmp_path):
             "judge": {"kind": "openai", "url": "http://127.0.0.1:9/v1", "timeout_s": 2},
         },
     )
-    with pytest.raises(RuntimeError, match="judge endpoint .*request failed"):
-        run_eval(dead)
+    # A dead judge is counted, never turned silently into "wrong": per benchmark, in total and per record.
+    res = run_eval(dead)
+    cpv = res["benchmarks"]["CPV"]
+    assert cpv["judge_failures"] == 2 and res["judge_failures"] == 2 and cpv["overall"]["correct"] == 0
+    preds = [json.loads(line) for line in (tmp_path / "o2" / "predictions.jsonl").read_text().splitlines()]
+    assert all(p["judge_failed"] for p in preds)
+    assert "judge failed to grade 2 answers" in capsys.readouterr().err
+    assert "2 answers the judge failed to grade" in (tmp_path / "o2" / "report.md").read_text()

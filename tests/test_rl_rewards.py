@@ -6,6 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+import keye.answers
 from keye.typed_config import from_dict
 from train.rl import rewards as R
 from train.rl.rewards import (
@@ -54,7 +55,7 @@ def test_clean_answer_strips_only_answer_phrases():
 
 
 def test_accuracy_fallback_without_math_verify(monkeypatch):
-    monkeypatch.setattr(R, "HAVE_MATH_VERIFY", False)
+    monkeypatch.setattr(keye.answers, "HAVE_MATH_VERIFY", False)
     assert accuracy_reward(think("\\boxed{\\frac{1}{2}}"), {"solution": "\\frac{1}{2}"}) == 1.0  # string rule
     assert accuracy_reward(think("3/4"), {"solution": "0.75"}) == 1.0  # number rule
     assert accuracy_reward(think("x^2+1"), {"solution": "1+x^2"}) == 0.0  # needs symbolic equivalence
@@ -97,8 +98,8 @@ def test_thyme_reward_with_callable_judge():
     assert thyme_reward(good, {"solution": "B", "judge": judge}) == 2.0
     assert thyme_reward("B", {"solution": "B", "judge": judge}) == 1.0  # correct but wrong format
     calls.clear()
-    assert thyme_reward(think("C"), {"solution": "B", "judge": judge}) == 0.5  # gated: judge says wrong, no cons
-    assert len(calls) == 1 and "Correctness" in calls[0]
+    assert thyme_reward(think("C"), {"solution": "B", "judge": judge}) == 0.5  # gated: wrong by rule, no cons
+    assert calls == []  # a letter the rules read is decided: the judge is asked only what they cannot decide
 
 
 def test_combiner_from_typed_config_with_gate_and_kwargs():
@@ -147,7 +148,7 @@ class _JudgeHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _JudgeHandler.seen.append((self.path, body))
         prompt = body["messages"][0]["content"]
-        verdict = 1 if "Model answer: forty-two" in prompt else 0
+        verdict = 1 if "模型回答：forty-two" in prompt else 0  # keye.judge.GRADE_PROMPT, shared with eval
         reply = {"choices": [{"message": {"role": "assistant", "content": json.dumps({"Correctness": verdict})}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)

@@ -13,24 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from eval.config import EvalConfig, MediaConfig
-from eval.extract import (
+from keye.answers import (
     AMBIGUOUS,
-    OK,
+    CHOICE,
+    TEXT,
     UNANSWERED,
+    Check,
     Extracted,
-    extract_choice,
-    extract_yes_no,
-    extract_yes_no_list,
+    check_answer,
+    choice_letter,
     letter_of,
-    match_choice,
-    match_yes_no,
-    normalize_text,
-    normalize_yes_no_list,
     split_option_prefix,
 )
-from keye.reasoning import apply_mode, extract_final_answer
+from keye.judge import Judge
+from keye.reasoning import apply_mode
 
-MCQ, YES_NO, YES_NO_LIST, VQA = "mcq", "yes_no", "yes_no_list", "vqa"
+MCQ, VQA = CHOICE, TEXT  # the harness's names for keye.answers' choice and free-text kinds
 
 
 @dataclass
@@ -125,38 +123,15 @@ class Benchmark(ABC):
     def conversation(self, sample: Sample, cfg: EvalConfig) -> list[dict[str, Any]]:
         return user_conversation(self.media_items(sample, cfg.media), self.prompt(sample), cfg.mode)
 
-    # (3) extract ------------------------------------------------------------------------------------------------
-    def extract(self, sample: Sample, output: str) -> Extracted:
-        if sample.kind == MCQ:
-            return extract_choice(output, sample.options)
-        if sample.kind == YES_NO:
-            return extract_yes_no(output)
-        if sample.kind == YES_NO_LIST:
-            return extract_yes_no_list(output)
-        final = extract_final_answer(output)
-        return Extracted(OK, final) if final else Extracted(UNANSWERED)
+    # (3) extract and (4) score: keye.answers, the checker the RL accuracy reward uses too ----------------------
+    def score(self, sample: Sample, output: str, judge: Judge | None = None) -> Check:
+        """Extraction, verdict, ``how`` (``rule``/``judge``) and whether the judge failed, for one output."""
+        return check_answer(
+            output, sample.answer, sample.kind, options=sample.options, question=self.prompt(sample), judge=judge
+        )
 
-    # (4) score --------------------------------------------------------------------------------------------------
-    def score(self, sample: Sample, output: str, judge: Any | None = None) -> tuple[Extracted, bool, str]:
-        """(extracted, correct, how) where ``how`` is ``rule`` or ``judge``."""
-        ext = self.extract(sample, output)
-        if sample.kind == VQA:
-            if judge is not None:
-                verdict = judge.grade(sample.question, sample.answer, extract_final_answer(output))
-                return ext, bool(verdict), "judge"
-            ok = ext.status == OK and normalize_text(ext.value or "") == normalize_text(sample.answer)
-            return ext, ok, "rule"
-        how = "rule"
-        if ext.status != OK and judge is not None and sample.kind in (MCQ, YES_NO):
-            choices = [letter_of(i) for i in range(len(sample.options))] if sample.kind == MCQ else ["是", "否"]
-            picked = judge.choose(self.prompt(sample), extract_final_answer(output), choices)
-            if picked:
-                again = match_choice(picked, sample.options) if sample.kind == MCQ else match_yes_no(picked)
-                if again.status == OK:
-                    ext, how = again, "judge"
-        if sample.kind == YES_NO_LIST:
-            return ext, ext.status == OK and ext.value == normalize_yes_no_list(sample.answer), how
-        return ext, ext.status == OK and ext.value == sample.answer, how
+    def extract(self, sample: Sample, output: str) -> Extracted:
+        return self.score(sample, output).extracted
 
     # (5) aggregate ----------------------------------------------------------------------------------------------
     def chance(self, category: str) -> float | None:
@@ -193,15 +168,10 @@ def clean_options(options: Any, where: str) -> list[str]:
 def answer_letter(answer: Any, options: list[str], where: str) -> str:
     """The correct letter from ``A``/``(A)``/``A. text``/an option's text; anything else is an error for that row."""
     text = str(answer).strip()
-    valid = [letter_of(i) for i in range(len(options))]
-    letter, rest = split_option_prefix(text)
-    if letter in valid:
+    letter = choice_letter(text, options)
+    if letter is not None:
         return letter
-    if len(text) == 1 and text.upper() in valid:
-        return text.upper()
-    matches = [letter_of(i) for i, o in enumerate(options) if normalize_text(o) == normalize_text(rest or text)]
-    if len(matches) == 1:
-        return matches[0]
+    valid = [letter_of(i) for i in range(len(options))]
     raise ValueError(
         f"{where}: answer {text!r:.60} is neither a letter in {valid[0]}-{valid[-1]} nor one option's text"
     )

@@ -2,9 +2,10 @@
 
 Columns: ``index``, ``question``, ``answer``, optional ``category``, and ``image_path``, a Python-list literal of
 frame paths relative to ``images/`` (the video is given as that frame list). Yes/no tasks get the published
-Chinese instruction and are scored by 是/否 matching; Hot_Videos_Aggregation compares the whole 是/否 list with
-the underscore-separated truth; the VQA tasks are graded by the LLM judge when one is configured and by
-normalised exact match otherwise (the report says which).
+Chinese instruction, the others the reference's "Answer the question using a single word or phrase."; all are
+scored by :mod:`keye.answers` (the RL accuracy reward's checker): 是/否 from the answer's conclusion,
+Hot_Videos_Aggregation's whole 是/否 list against the underscore-separated truth, the VQA tasks by normalised
+match; what the rules cannot decide goes to the LLM judge when one is configured (the report says which).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.benchmarks.base import VQA, YES_NO, YES_NO_LIST, Benchmark, LoadResult, Sample
+from eval.benchmarks.base import VQA, Benchmark, LoadResult, Sample
 from eval.config import EvalConfig
-from eval.extract import normalize_yes_no, normalize_yes_no_list
+from keye.answers import YES_NO, YES_NO_LIST, normalize_yes_no, normalize_yes_no_list
 
 YORN_INSTRUCTION = "请直接给出结论，回答是或者否，不需要做额外分析，并且不许回答不确定"
+# The reference's suffix for the tasks that are not yes/no (Kwai's VLMEvalKit fork, KwaiVQADataset).
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class KCMMBenchTask(Benchmark):
     def __init__(self, task: KCTask) -> None:
         self.task = task
         self.name = task.name
-        self.prompt_suffix = YORN_INSTRUCTION if task.kind == YES_NO else ""
+        self.prompt_suffix = YORN_INSTRUCTION if task.kind == YES_NO else SHORT_ANSWER_INSTRUCTION
 
     def load(self, root: Path, cfg: EvalConfig) -> LoadResult:
         tsv = root / "subsets" / self.task.tsv
@@ -113,13 +116,14 @@ class KCMMBenchTask(Benchmark):
         return LoadResult(samples, skipped)
 
     def scoring_note(self, judged: bool) -> str:
+        rescue = "; what the rules cannot read is graded by the LLM judge" if judged else ""
         if self.task.kind == VQA:
             if judged:
-                return "accuracy × 100; free-form answers graded by the LLM judge (回答正确/回答错误)"
+                return "accuracy × 100; free-form answers graded by the LLM judge (回答正确/回答错误) unless they match exactly"
             return (
                 "accuracy × 100; NO LLM judge: free-form answers scored by normalised exact match, "
                 "stricter than the published judge-graded numbers"
             )
         if self.task.kind == YES_NO_LIST:
-            return "accuracy × 100; the bracketed 是/否 list must equal the underscore-separated truth exactly"
-        return "accuracy × 100; 是/否 (yes/no) matched after stripping reasoning"
+            return f"accuracy × 100; the 是/否 list must equal the underscore-separated truth exactly{rescue}"
+        return f"accuracy × 100; 是/否 (yes/no) read from the answer's conclusion after stripping reasoning{rescue}"

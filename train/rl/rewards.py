@@ -2,201 +2,53 @@
 
 ``sample`` is the RL prompt record (Thyme's schema): ``solution`` (ground truth, may itself be wrapped in
 ``<answer>``), optional ``question``, ``messages``, ``mode`` (reasoning mode; otherwise read from the user turn's
-suffix), ``choices`` (multiple-choice options), ``tolerance`` (relative, for numbers) and ``judge`` (a callable
-``prompt -> reply`` that the :class:`RewardCombiner` injects when a judge is configured).
+suffix), ``choices`` (multiple-choice options), ``answer_kind`` (one of :data:`keye.answers.KINDS`; otherwise
+inferred from the solution), ``tolerance`` (relative, for numbers) and ``judge`` (a :class:`keye.judge.Judge` or
+a ``prompt -> reply`` callable, which the :class:`RewardCombiner` injects when a judge is configured).
 
-Accuracy is rule-based first (choice letters, numbers with tolerance, ``math_verify`` when importable, normalised
-string equality) and falls back to the judge only when the rules say "not equal" and a judge exists - Thyme's order.
+Accuracy is :func:`keye.answers.check_answer`, the checker the eval harness scores with, so a benchmark's score
+equals the mean accuracy reward on the same outputs. The judge is asked only what the rules cannot decide, and a
+question it never answers is counted (:meth:`RewardCombiner.take_judge_failures`, logged by the RL step).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import re
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from keye.answers import Check, check_answer, clean_answer, infer_kind
+from keye.judge import Judge, OpenAIJudge, as_judge, parse_json_key
 from keye.plugins import load_callable
-from keye.reasoning import extract_final_answer, mode_of, normalize_mode, response_fits_mode
+from keye.reasoning import mode_of, normalize_mode, response_fits_mode
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 JudgeFn = Callable[[str], str]
-
-# math-verify handles LaTeX/sympy equivalence; without it we fall back to numbers + normalised strings.  It is
-# imported on first use because it pulls in sympy (~0.7 s), which a trainer importing only the losses should not pay.
-HAVE_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
+OpenAICompatibleJudge = OpenAIJudge  # the name RL configs and tests know
 
 SANDBOX_ERROR_PREFIXES = ("Sandbox for ", "Error:", "Traceback (most recent call last)", "Execution denied")
-_ANSWER_PREFIX = re.compile(
-    r"^\s*(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)\b(?:\s+is)?\s*[:：]?\s*", re.IGNORECASE
-)
-_CHOICE = re.compile(r"^\(?([A-Z])\)?(?:[.:)\s]|$)")
 _SANDBOX_BLOCK = re.compile(r"<sandbox_output>(.*?)</sandbox_output>", re.DOTALL)
 _THINK_BODY = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
-# ----------------------------------------------------------------------------------------------- answer checking
-def clean_answer(text: str) -> str:
-    """Final answer of a completion (or a ground truth) without phrases like "The answer is"."""
-    ans = extract_final_answer(text)
-    ans = _ANSWER_PREFIX.sub("", ans, count=1).strip()
-    m = re.fullmatch(r"\\text\{(.*)\}", ans, re.DOTALL)
-    return (m.group(1) if m else ans).strip()
-
-
-def _norm_str(s: str) -> str:
-    s = s.strip().strip("$").strip()
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
-    return re.sub(r"\s+", "", s).rstrip(".").lower()
-
-
-def _choice_letter(s: str) -> str | None:
-    m = _CHOICE.match(s.strip())
-    return m.group(1) if m else None
-
-
-def _to_number(s: str) -> float | None:
-    s = s.strip().strip("$").replace("\\%", "").rstrip("%").rstrip(".").strip()
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
-    m = re.fullmatch(r"([-+]?\d+)\s*/\s*(\d+)", s)
-    if m and int(m.group(2)) != 0:
-        return int(m.group(1)) / int(m.group(2))
-    try:
-        return float(s)
-    except ValueError:
-        return None
-
-
-def _choice_texts(sample: Mapping[str, Any]) -> dict[str, str]:
-    """``choices`` as {letter: text}; a list is lettered A, B, C…"""
-    choices = sample.get("choices") or sample.get("options")
-    if isinstance(choices, Mapping):
-        return {str(k).strip().upper(): str(v) for k, v in choices.items()}
-    if isinstance(choices, Sequence) and not isinstance(choices, str):
-        return {chr(ord("A") + i): str(v) for i, v in enumerate(choices)}
-    return {}
-
-
-def math_verify_equal(gold: str, pred: str) -> bool:
-    """``math_verify`` equivalence; False when it is not installed or cannot parse either side."""
-    if not HAVE_MATH_VERIFY:
-        return False
-    from math_verify import parse, verify
-
-    # math_verify's timeouts use signal.alarm, which only works on the main thread.
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-
-    def wrap(s: str) -> str:
-        return s if ("$" in s or "\\boxed" in s) else f"${s}$"
-
-    try:
-        g = parse(wrap(gold), parsing_timeout=timeout)
-        p = parse(wrap(pred), parsing_timeout=timeout)
-        return bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=timeout))
-    except Exception:  # math_verify raises on pathological input; that is simply "not verified"
-        return False
-
-
-def rule_match(pred: str, gold: str, sample: Mapping[str, Any] | None = None) -> bool:
-    """Rule-based equality of two cleaned answers: choice letter, number within tolerance, string, math_verify."""
-    sample = sample or {}
-    if not pred or not gold:
-        return False
-    choices = _choice_texts(sample)
-    gold_letter = _choice_letter(gold) if (choices or re.fullmatch(r"\(?[A-Z]\)?\.?", gold)) else None
-    if gold_letter is not None:
-        pred_letter = _choice_letter(pred)
-        if pred_letter is not None:
-            return pred_letter == gold_letter
-        correct_text = choices.get(gold_letter)
-        return correct_text is not None and _norm_str(pred) == _norm_str(correct_text)
-    g_num, p_num = _to_number(gold), _to_number(pred)
-    if g_num is not None and p_num is not None:
-        tol = float(sample.get("tolerance", 1e-4))
-        return abs(p_num - g_num) <= tol * max(1.0, abs(g_num))
-    if _norm_str(pred) == _norm_str(gold):
-        return True
-    return math_verify_equal(gold, pred)
-
-
 # ------------------------------------------------------------------------------------------------------- judge
-class OpenAICompatibleJudge:
-    """An LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint, called with urllib (no SDK)."""
-
-    def __init__(
-        self,
-        url: str,
-        model: str = "",
-        temperature: float = 0.1,
-        max_tokens: int = 256,
-        timeout_s: float = 60.0,
-        api_key: str = "",
-    ) -> None:
-        base = url.rstrip("/")
-        self.endpoint = base if base.endswith("/chat/completions") else f"{base}/chat/completions"
-        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
-        self.timeout_s, self.api_key = timeout_s, api_key
-
-    def __call__(self, prompt: str) -> str:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.endpoint, json.dumps(body).encode(), headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            data = json.loads(resp.read().decode())
-        try:
-            return str(data["choices"][0]["message"]["content"])
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(
-                f"judge at {self.endpoint}: expected choices[0].message.content, got {data!r:.200}"
-            ) from None
-
-
-def make_judge(spec: JudgeFn | str | None, model: str = "", timeout_s: float = 60.0) -> JudgeFn | None:
-    """A judge from a callable (used as is), an http(s) URL (OpenAI-compatible server) or nothing."""
+def make_judge(
+    spec: Judge | JudgeFn | str | None, model: str = "", timeout_s: float = 60.0, api_key_env: str = "OPENAI_API_KEY"
+) -> Judge | None:
+    """A judge from a :class:`Judge` or callable (wrapped), an http(s) URL (OpenAI-compatible server) or nothing."""
     if spec is None or spec == "":
         return None
-    if callable(spec):
-        return spec
-    if isinstance(spec, str) and spec.startswith(("http://", "https://")):
-        return OpenAICompatibleJudge(spec, model=model, timeout_s=timeout_s)
-    raise ValueError(f"judge: expected a callable or an http(s):// URL, got {spec!r}")
+    if isinstance(spec, str):
+        if not spec.startswith(("http://", "https://")):
+            raise ValueError(f"judge: expected a callable or an http(s):// URL, got {spec!r}")
+        return OpenAIJudge(
+            spec, model, api_key_env=api_key_env, timeout_s=timeout_s, max_tokens=256, retries=3, temperature=0.1
+        )
+    return as_judge(spec)
 
 
-def ask_judge(judge: JudgeFn, prompt: str, key: str, retries: int = 3) -> float | None:
-    """Ask for JSON ``{key: 0|1}``; retried on unparsable replies or network errors, ``None`` if never answered."""
-    for _ in range(max(1, retries)):
-        try:
-            reply = judge(prompt)
-        except (urllib.error.URLError, OSError, ValueError):
-            continue
-        for m in re.finditer(r"\{[^{}]*\}", reply):
-            try:
-                value = json.loads(m.group(0)).get(key)
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            if value in (0, 1, "0", "1"):
-                return float(value)
-    return None
-
-
-CORRECTNESS_PROMPT = (
-    "You are grading an answer to a question against the reference answer.\n"
-    "Question: {question}\nReference answer: {solution}\nModel answer: {answer}\n"
-    'Is the model answer correct? Reply only with JSON: {{"Correctness": 1}} or {{"Correctness": 0}}.'
-)
 CONSISTENCY_PROMPT = (
     "Below is the end of a model's reasoning and its final answer.\n"
     "Reasoning: {reasoning}\nAnswer: {answer}\n"
@@ -205,8 +57,8 @@ CONSISTENCY_PROMPT = (
 )
 
 
-def _require_judge(sample: Mapping[str, Any], who: str) -> JudgeFn:
-    judge = sample.get("judge")
+def _require_judge(sample: Mapping[str, Any], who: str) -> Judge:
+    judge = as_judge(sample.get("judge"))
     if judge is None:
         raise ValueError(f"{who}: needs a judge (set rl.reward.judge_url or pass judge= to RewardCombiner)")
     return judge
@@ -234,18 +86,33 @@ def sample_mode(sample: Mapping[str, Any]) -> str:
     return "auto"
 
 
+def _options(sample: Mapping[str, Any]) -> list[str]:
+    """``choices`` in letter order (a mapping ``{letter: text}`` is sorted by letter)."""
+    choices = sample.get("choices") or sample.get("options")
+    if isinstance(choices, Mapping):
+        return [str(choices[k]) for k in sorted(choices, key=lambda k: str(k).strip().upper())]
+    if isinstance(choices, Sequence) and not isinstance(choices, str):
+        return [str(v) for v in choices]
+    return []
+
+
+def check_sample(completion: str, sample: Mapping[str, Any]) -> Check:
+    """:func:`keye.answers.check_answer` for an RL record: its solution, choices, answer kind, tolerance, judge."""
+    gold, options = _gold(sample), _options(sample)
+    return check_answer(
+        completion,
+        gold,
+        sample.get("answer_kind") or infer_kind(gold, options),
+        options=options,
+        question=str(sample.get("question", "")),
+        judge=as_judge(sample.get("judge")),
+        tolerance=float(sample.get("tolerance", 1e-4)),
+    )
+
+
 def accuracy_reward(completion: str, sample: Mapping[str, Any]) -> float:
-    """1.0 when the final answer matches ``solution`` by rule (or, failing that, by the judge), else 0.0."""
-    pred, gold = clean_answer(completion), _gold(sample)
-    if not pred:
-        return 0.0
-    if rule_match(pred, gold, sample):
-        return 1.0
-    judge = sample.get("judge")
-    if judge is None:
-        return 0.0
-    prompt = CORRECTNESS_PROMPT.format(question=sample.get("question", ""), solution=gold, answer=pred)
-    return ask_judge(judge, prompt, "Correctness") or 0.0
+    """1.0 when the answer is correct by :func:`keye.answers.check_answer` (rules, then the judge), else 0.0."""
+    return 1.0 if check_sample(completion, sample).correct else 0.0
 
 
 def judge_accuracy_reward(completion: str, sample: Mapping[str, Any]) -> float:
@@ -254,8 +121,7 @@ def judge_accuracy_reward(completion: str, sample: Mapping[str, Any]) -> float:
     pred = clean_answer(completion)
     if not pred:
         return 0.0
-    prompt = CORRECTNESS_PROMPT.format(question=sample.get("question", ""), solution=_gold(sample), answer=pred)
-    return ask_judge(judge, prompt, "Correctness") or 0.0
+    return 1.0 if judge.grade(str(sample.get("question", "")), _gold(sample), pred) else 0.0
 
 
 def format_reward(completion: str, sample: Mapping[str, Any]) -> float:
@@ -305,7 +171,7 @@ def consistency_reward(completion: str, sample: Mapping[str, Any]) -> float:
     if not thinking or not answer:
         return 0.0
     prompt = CONSISTENCY_PROMPT.format(reasoning=thinking[-1][-500:], answer=answer)
-    return ask_judge(judge, prompt, "Consistency") or 0.0
+    return judge.ask(prompt, lambda reply: parse_json_key(reply, "Consistency")) or 0.0
 
 
 def thyme_reward(completion: str, sample: Mapping[str, Any]) -> float:
@@ -363,16 +229,19 @@ class RewardConfig:
     judge_url: str = ""
     judge_model: str = ""
     judge_timeout_s: float = 60.0
+    judge_api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the judge's API key
 
 
 class RewardCombiner:
     """Weighted sum of reward terms; returns the total and each term's raw (unweighted) value."""
 
-    def __init__(self, cfg: RewardConfig | None = None, judge: JudgeFn | str | None = None) -> None:
+    def __init__(self, cfg: RewardConfig | None = None, judge: Judge | JudgeFn | str | None = None) -> None:
         cfg = cfg or RewardConfig()
         if not cfg.terms:
             raise ValueError("rl.reward.terms: expected at least one reward term, got none")
-        self.judge = make_judge(judge if judge is not None else cfg.judge_url, cfg.judge_model, cfg.judge_timeout_s)
+        spec = judge if judge is not None else cfg.judge_url
+        self.judge = make_judge(spec, cfg.judge_model, cfg.judge_timeout_s, cfg.judge_api_key_env)
+        self._judge_failures_taken = 0
         self.terms: list[tuple[str, float, bool, RewardFn]] = []
         for term in cfg.terms:
             fn = resolve_reward(term.fn)
@@ -388,6 +257,14 @@ class RewardCombiner:
         if any(t[2] for t in self.terms) and not cfg.gate:
             raise ValueError("rl.reward: some terms are gated but rl.reward.gate names no term")
         self.gate = cfg.gate
+
+    def take_judge_failures(self) -> int:
+        """Questions the judge left without a verdict since the last call (those rewards counted as 0)."""
+        if self.judge is None:
+            return 0
+        new = self.judge.failures - self._judge_failures_taken
+        self._judge_failures_taken = self.judge.failures
+        return new
 
     def __call__(self, completion: str, sample: Mapping[str, Any]) -> tuple[float, dict[str, float]]:
         if self.judge is not None and sample.get("judge") is None:
