@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .resize import PIXELS_PER_TOKEN
+from data_pipelines.resize import PIXELS_PER_TOKEN
 
 SLOW = 0
 FAST = 1
