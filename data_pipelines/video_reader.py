@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
-from .frame_buffer import empty_uint8
 from .h264_nal import is_droppable, is_idr, nal_length_size
 from .image_reader import load_image
 from .media import SLOW, MediaError, VideoClip, VideoOptions, frame_timestamp
@@ -427,8 +426,7 @@ class _FrameStore:
     each is kept no larger than the biggest slow size still reachable: the bound falls as frames turn out slow;
     once it has halved, the held frames are shrunk chunk by chunk (each old chunk freed as its replacement fills),
     so memory never exceeds what is held plus one chunk. Frames held at decoded size fill one buffer, returned
-    without a copy. Buffers take the first frame's memory layout, so storing a frame is one plain copy, and come
-    from huge pages (``frame_buffer``): first-touch page faults cost more than the copies.
+    without a copy. Buffers take the first frame's memory layout, so storing a frame is one plain copy.
     """
 
     CHUNK = 64
@@ -460,8 +458,8 @@ class _FrameStore:
 
     def _empty(self, rows: int, hw: tuple[int, int]) -> torch.Tensor:
         if self.channels_last:
-            return empty_uint8((rows, *hw, 3)).permute(0, 3, 1, 2)
-        return empty_uint8((rows, 3, *hw))
+            return torch.empty((rows, *hw, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        return torch.empty((rows, 3, *hw), dtype=torch.uint8)
 
     def add(self, frame: torch.Tensor, num_slow: int) -> None:
         """Keep the next frame (at decoded size), given how many frames so far are slow."""

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from data_pipelines import synthetic
-from data_pipelines.frame_buffer import empty_uint8
 from data_pipelines.h264_nal import is_droppable, is_idr, nal_length_size
 from data_pipelines.media import VideoOptions
 from data_pipelines.overlap import ordered_parallel
@@ -215,14 +214,6 @@ def test_ordered_parallel_bounds_work_ahead_and_stops_on_close():
     assert len(started) <= 3  # workers + 1 jobs started and not consumed
     out.close()
     assert sorted(closed) == sorted(started)  # every started job's iterator was closed (its container with it)
-
-
-def test_frame_buffer_shapes_and_is_writable():
-    big = empty_uint8((3, 720, 1280, 3))
-    big.fill_(7)
-    assert big.shape == (3, 720, 1280, 3) and big.dtype == torch.uint8 and int(big.sum()) == 7 * big.numel()
-    small = empty_uint8((2, 3))
-    assert small.shape == (2, 3)
 
 
 def test_ordered_parallel_finishes_in_order_and_idle_workers_help():
