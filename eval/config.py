@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from data_pipelines.media import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, VideoOptions
+from data_pipelines.resize import MAX_PIXELS as IMAGE_MAX_PIXELS
+from data_pipelines.resize import MIN_PIXELS as IMAGE_MIN_PIXELS
+
 
 @dataclass
 class MediaConfig:
@@ -18,25 +22,37 @@ class MediaConfig:
     # frame-image lists (KC-MMBench): None = taken whole without timestamps, the original's rule when no fps is set
     frame_list_fps: float | None = None
     max_frames: int = 1024
-    min_pixels: int = 48 * 784
-    max_pixels: int = 768 * 784
-    video_total_pixels: int = 65536 * 784
+    # the reader's defaults (one definition each: data_pipelines.media / .resize, i.e. keye-vl-utils'); images are
+    # then fitted to the checkpoint's preprocessor_config.json as in the released processor
+    min_pixels: int = VIDEO_MIN_PIXELS
+    max_pixels: int = VIDEO_MAX_PIXELS
+    video_total_pixels: int = VIDEO_TOTAL_PIXELS
     slow_fast: bool = True
-    min_frame_similarity: float = 0.90
-    image_min_pixels: int = 4 * 784
-    image_max_pixels: int = 16384 * 784
+    min_frame_similarity: float = VideoOptions.min_frame_similarity
+    image_min_pixels: int = IMAGE_MIN_PIXELS
+    image_max_pixels: int = IMAGE_MAX_PIXELS
 
 
 @dataclass
 class GenerationConfig:
-    """Decoding settings; ``temperature == 0`` means greedy (the original eval wrapper decodes greedily)."""
+    """Decoding settings; ``temperature == 0`` means greedy (the original eval wrapper decodes greedily).
 
+    ``engine`` (for ``engine: keye``): ``transformers`` (our model's ``generate``) or ``vllm`` (``make vllm-env``);
+    both see the same prompt ids and pixels (``keye.generation``).
+    """
+
+    engine: str = "transformers"
     max_new_tokens: int = 2048
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 1
     repetition_penalty: float = 1.0
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        from keye.generation import check_engine
+
+        check_engine(self.engine, "generation.engine")  # at config load: a missing vLLM is one line, not a run
 
 
 @dataclass

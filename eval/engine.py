@@ -1,8 +1,9 @@
 """The engine seam: anything with ``generate(conversations, settings) -> list[str]`` can be evaluated.
 
-``engine == "keye"`` loads our own checkpoints through ``keye.inference.ChatEngine`` (imported lazily so the
-harness, its tests and ``keye eval-filter`` with custom judges never import the model stack); ``module:factory``
-names a callable ``factory(cfg) -> engine`` for other models or hosted APIs.
+``engine == "keye"`` loads our own checkpoints through the generation engine ``generation.engine`` names
+(``keye.generation``: ``transformers`` or ``vllm``; imported lazily so the harness, its tests and ``keye
+eval-filter`` with custom judges never import the model stack); ``module:factory`` names a callable
+``factory(cfg) -> engine`` for other models or hosted APIs.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def load_engine(cfg: EvalConfig) -> Any:
     if cfg.engine == "keye":
         if not cfg.model:
             raise ValueError("engine 'keye' needs --model DIR (a Keye checkpoint directory)")
-        from keye.inference import ChatEngine
+        from keye.generation import load_engine as load_generation_engine
 
         loop_cfg = tool_loop_config(cfg.tool_options) if cfg.tools else None  # a bad option fails before loading
-        engine = ChatEngine.from_pretrained(cfg.model, media=media_dict(cfg.media), device=cfg.device)
+        engine = load_generation_engine(
+            cfg.generation.engine, cfg.model, media=media_dict(cfg.media), device=cfg.device, seed=cfg.seed
+        )
         if loop_cfg is None:
             return engine
         from keye.thyme import ToolChatEngine

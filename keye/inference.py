@@ -1,4 +1,5 @@
-"""Generation from a saved checkpoint: the one path used by ``keye chat``, the eval harness and RL rollouts.
+"""Generation from a saved checkpoint: the transformers engine, used by ``keye chat``, the eval harness, RL rollouts
+and the Thyme loop (``keye.generation`` has the engine interface and the vLLM engine).
 
 ``ChatEngine`` owns a model and its processor; ``generate`` takes chat-format conversations (text, image and
 video items), left-pads them into one batch and decodes with the KV cache (greedy when temperature is 0).
@@ -6,6 +7,7 @@ video items), left-pads them into one batch and decodes with the KV cache (greed
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -46,12 +48,16 @@ class GenerationSettings:
 
 @dataclass
 class GenerationResult:
+    """One batch's answers. ``token_ids`` end before the end-of-turn token; ``logprobs`` (engines that report them:
+    vLLM) are the engine's log-prob of each sampled token, the end-of-turn token's included when it was sampled."""
+
     texts: list[str]
     token_ids: list[list[int]]
     visual_tokens: list[int]
     prompt_tokens: list[int]
     seconds: float
     first_token_seconds: float | None = None
+    logprobs: list[list[float]] | None = None
 
 
 def default_device() -> str:
@@ -59,7 +65,10 @@ def default_device() -> str:
 
 
 class ChatEngine:
-    """A model + processor pair ready to answer conversations."""
+    """A model + processor pair ready to answer conversations (the ``transformers`` generation engine)."""
+
+    name = "transformers"
+    holds_weights = False  # generates with the model it was given: a trainer's updates are seen at once
 
     def __init__(self, model, processor, device: str | None = None) -> None:
         self.device = torch.device(device or default_device())
@@ -71,8 +80,6 @@ class ChatEngine:
         cls, model_dir: str | Path, media: dict | None = None, device: str | None = None, dtype: str = "auto"
     ) -> ChatEngine:
         """Load a checkpoint written by ``keye init`` or a training run. ``media`` overrides video options."""
-        import dataclasses
-
         from keye.auto import register
         from keye.modeling import KeyeVLForConditionalGeneration
         from keye.paths import checkpoint_dir
@@ -87,7 +94,12 @@ class ChatEngine:
         elif dtype not in ("auto", "float32"):
             torch_dtype = getattr(torch, dtype)
         model = KeyeVLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch_dtype)
-        processor = KeyeVLProcessor.from_pretrained(model_dir)
+        return cls(model, cls.media_processor(KeyeVLProcessor.from_pretrained(model_dir), media), device)
+
+    @staticmethod
+    def media_processor(processor, media: dict | None):
+        """``processor`` with its video options overridden by ``media`` (eval's media settings); an unknown key
+        is an error naming it."""
         if media:
             video_keys = {f.name for f in dataclasses.fields(processor.config.video)}
             unknown = sorted(set(media) - video_keys - {"min_pixels", "max_pixels"})
@@ -96,7 +108,7 @@ class ChatEngine:
             processor.config.video = dataclasses.replace(
                 processor.config.video, **{k: v for k, v in media.items() if k in video_keys}
             )
-        return cls(model, processor, device)
+        return processor
 
     def encode(self, conversations: Sequence[Sequence[dict]], mode: str | None = None) -> list[EncodedSample]:
         return [self.processor.encode_conversation(c, mode=mode, add_generation_prompt=True) for c in conversations]

@@ -12,6 +12,8 @@ frames between ``<|fast_start|>`` and ``<|fast_end|>``. The project's own encode
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -37,6 +39,25 @@ def merge_grids(grids: list[list[int]]) -> list[list[int]]:
         else:
             merged.append([t, h, w])
     return merged
+
+
+class KeyeVL1_5VideosKwargs(TypedDict, total=False):
+    """Per-call video arguments (keye-vl-utils' ``process_vision_info`` kwargs)."""
+
+    width: list
+    height: list
+    fast_width: list
+    fast_height: list
+    timestamps: list
+    frame_types: list
+    fps: list
+
+
+class KeyeVL1_5ProcessorKwargs(TypedDict, total=False):
+    """Declares which ``__call__`` arguments vary per request: vLLM builds (and caches) the processor from the other
+    kwargs it is given, so without this every video's Slow-Fast kwargs would load the processor anew (~8 s each)."""
+
+    videos_kwargs: KeyeVL1_5VideosKwargs
 
 
 def _per_video(value, n: int, name: str) -> list:

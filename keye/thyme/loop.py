@@ -37,7 +37,8 @@ _PLACEHOLDERS = (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)  # generated placeholders would
 
 
 class SegmentEngine(Protocol):
-    """What the loop needs from an engine (``keye.inference.ChatEngine`` is one)."""
+    """What the loop needs from an engine (both ``keye.generation`` engines: ``generate_encoded`` stops after a stop
+    string's last token and returns the tokens up to it)."""
 
     processor: KeyeVLProcessor
 
@@ -183,8 +184,9 @@ class ToolLoop:
                         stop_strings=list(stops),
                     )
                     result = self.engine.generate_encoded([r.state.sample() for r in group], settings)
-                    for r, ids in zip(group, result.token_ids, strict=True):
-                        self._take_segment(r, list(ids), settings, budgets[r.index], cfg, emit)
+                    logprobs = result.logprobs or [None] * len(group)
+                    for r, ids, lps in zip(group, result.token_ids, logprobs, strict=True):
+                        self._take_segment(r, list(ids), settings, budgets[r.index], cfg, emit, lps)
                 pending = [r for r in runs if r.pending_exec]
                 if pending:
                     self._execute(pending, cfg, emit)
@@ -225,7 +227,8 @@ class ToolLoop:
             self._finish(r, reason, emit)
         return budget, reason
 
-    def _take_segment(self, r, ids, settings, budget: tuple[int, str], cfg, emit) -> None:
+    def _take_segment(self, r, ids, settings, budget: tuple[int, str], cfg, emit, logprobs=None) -> None:
+        """Append one generated segment (``logprobs``: the engine's, one per id plus the end-of-turn token's)."""
         limit, limit_reason = budget
         ids = ids[:limit]
         bad = next((k for k, t in enumerate(ids) if t in _PLACEHOLDERS), None)
@@ -235,9 +238,10 @@ class ToolLoop:
         stop = "invalid_token" if bad is not None else _stop_reached(text, settings.stop_strings)
         if stop is None:
             stop = limit_reason if len(ids) >= limit else "eos"
-        r.state.add_generated(ids, text)
+        r.state.add_generated(ids, text, None if logprobs is None else list(logprobs[: len(ids)]))
         if stop == "eos":
-            r.state.add_eos(self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+            eos_lp = logprobs[len(ids)] if logprobs is not None and len(logprobs) > len(ids) else None
+            r.state.add_eos(self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), eos_lp)
         seg = SegmentRecord(r.kind, len(r.rounds), settings.temperature, len(ids), stop, text, retry=r.retry)
         r.segments.append(seg)
         emit(ToolEvent(r.index, "segment", segment=seg))

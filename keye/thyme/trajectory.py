@@ -5,11 +5,13 @@ appended exactly as sampled (policy tokens), sandbox output is tokenised with th
 ``encode_conversation`` uses (``<sandbox_output>``, text, ``image_ids(grid)`` per image), and each spliced image's
 patches join the sample's ``pixel_values``. So the final :class:`~keye.encoded.EncodedSample` is token for token
 the context of every generation step, and the RL trainer can recompute log-probs on it with ``policy_mask``
-(1 = sampled by the policy, 0 = prompt or sandbox output) aligned to ``input_ids``.
+(1 = sampled by the policy, 0 = prompt or sandbox output) aligned to ``input_ids``. When the engine reports the
+log-prob of each token it sampled (vLLM), ``engine_logprobs`` holds them on the same positions (NaN elsewhere).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +75,7 @@ class ToolTrajectory:
     prompt_length: int
     finish_reason: str  # answer, eos, length, max_length, max_rounds, invalid_token
     messages: list[dict]  # the input conversation plus the assistant turn
+    engine_logprobs: torch.Tensor | None = None  # [L] fp32 on policy tokens (NaN elsewhere), engines that report them
 
     @property
     def policy_tokens(self) -> int:
@@ -102,6 +105,9 @@ class TrajectoryState:
         self.messages = messages
         self.ids: list[int] = prompt.input_ids.tolist()
         self.policy: list[int] = [0] * len(self.ids)
+        self.meta = prompt.meta  # the vLLM engine's decoded clips travel here (keye.generation.vllm_inputs)
+        self.engine_lp: list[float] = [math.nan] * len(self.ids)
+        self.has_engine_lp = False
         self.prompt_length = len(self.ids)
         self.img_patches: list[torch.Tensor] = [] if prompt.pixel_values is None else [prompt.pixel_values]
         self.img_grids: list[list[int]] = [] if prompt.image_grid_thw is None else prompt.image_grid_thw.tolist()
@@ -119,19 +125,27 @@ class TrajectoryState:
             self.texts = [i.get("text", "") if i.get("type") == "text" else "<image>" for i in items]
 
     # --- building --------------------------------------------------------------------------------------------
-    def add_generated(self, ids: list[int], text: str) -> None:
-        """Policy tokens, exactly as sampled."""
+    def add_generated(self, ids: list[int], text: str, logprobs: list[float] | None = None) -> None:
+        """Policy tokens, exactly as sampled (with the engine's log-probs of them, when it reports them)."""
         self.ids.extend(ids)
         self.policy.extend([1] * len(ids))
+        self._add_engine_lp(logprobs, len(ids))
         self.tokens_used += len(ids)
         if text:
             self.content.append({"type": "text", "text": text})
             self.texts.append(text)
 
-    def add_eos(self, eos_id: int) -> None:
+    def add_eos(self, eos_id: int, logprob: float | None = None) -> None:
         """The end-of-turn token the engine strips from its output; the policy sampled it, so it is trained."""
         self.ids.append(eos_id)
         self.policy.append(1)
+        self._add_engine_lp(None if logprob is None else [logprob], 1)
+
+    def _add_engine_lp(self, logprobs: list[float] | None, n: int) -> None:
+        if logprobs is not None:
+            self.has_engine_lp = True
+        given = list(logprobs or [])[:n]
+        self.engine_lp.extend(given + [math.nan] * (n - len(given)))
 
     def add_sandbox_output(self, text: str, images: list[str]) -> None:
         """``<sandbox_output>`` + one image block per image (or the text) + ``</sandbox_output>``, all mask 0."""
@@ -156,13 +170,14 @@ class TrajectoryState:
     def _add_fixed(self, ids: list[int]) -> None:
         self.ids.extend(ids)
         self.policy.extend([0] * len(ids))
+        self.engine_lp.extend([math.nan] * len(ids))
 
     # --- rollback --------------------------------------------------------------------------------------------
     def mark(self) -> RoundMark:
         return RoundMark(len(self.ids), len(self.img_grids), len(self.content), len(self.texts), self.tokens_used)
 
     def rollback(self, mark: RoundMark) -> None:
-        del self.ids[mark.ids :], self.policy[mark.ids :]
+        del self.ids[mark.ids :], self.policy[mark.ids :], self.engine_lp[mark.ids :]
         del self.img_grids[mark.images :]
         del self.content[mark.content :], self.texts[mark.texts :]
         self.tokens_used = mark.tokens_used
@@ -195,6 +210,7 @@ class TrajectoryState:
             image_grid_thw=image_grid,
             pixel_values_videos=self.vid_patches,
             video_grid_thw=self.vid_grid,
+            meta=dict(self.meta),
         )
 
     def result(
@@ -217,4 +233,5 @@ class TrajectoryState:
             prompt_length=self.prompt_length,
             finish_reason=finish_reason,
             messages=[*self.messages, {"role": "assistant", "content": list(self.content)}],
+            engine_logprobs=torch.tensor(self.engine_lp, dtype=torch.float32) if self.has_engine_lp else None,
         )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keye.generation import VLLMSettings, check_engine
 from keye.thyme.config import ToolLoopConfig
 from keye.typed_config import ConfigError, from_dict, read_yaml
 from train.rl.losses import PolicyLossConfig
@@ -19,8 +20,11 @@ from train.rl.rewards import RewardConfig
 @dataclass
 class RolloutConfig:
     """How rollouts are sampled; ``tools`` routes every prompt through the Thyme loop (records can opt in with
-    ``"tools": true``)."""
+    ``"tools": true``). ``engine``: ``transformers`` (the policy's own ``generate``) or ``vllm`` (built once per run
+    from ``model.path``, the policy's weights pushed into it before every rollout; ``vllm`` sets its options)."""
 
+    engine: str = "transformers"
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
     group_size: int = 8  # G rollouts per prompt
     temperature: float = 1.0
     top_p: float = 0.9
@@ -34,6 +38,7 @@ class RolloutConfig:
     tool_loop: ToolLoopConfig = field(default_factory=ToolLoopConfig)
 
     def __post_init__(self) -> None:
+        check_engine(self.engine, "rl.rollout.engine")
         if self.group_size < 2:
             raise ValueError(f"rl.rollout.group_size: group advantages need >= 2 rollouts, got {self.group_size}")
         if self.temperature <= 0:

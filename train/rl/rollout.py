@@ -5,8 +5,10 @@ included) + the generated ids, with ``labels`` equal to ``input_ids`` on policy-
 ``IGNORE_INDEX`` on the prompt, sandbox output and anything else the policy did not sample.  The update builds
 its inputs from these ids, never by re-tokenising text, so rollout and update see identical multimodal inputs.
 
-Plain prompts go through ``ChatEngine.generate_encoded`` (batched, KV cache); Thyme prompts (``tools``) through
-``keye.thyme.ToolLoop``, whose trajectories already carry the exact sample and policy mask.
+Plain prompts go through the generation engine's ``generate_encoded`` (``keye.generation``: transformers or vLLM;
+batched); Thyme prompts (``tools``) through ``keye.thyme.ToolLoop``, whose trajectories already carry the exact
+sample and policy mask. Engines that report log-probs (vLLM) leave theirs on each rollout, aligned with its
+response, for the trainer/engine drift monitor.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 
 from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from keye.encoded import IGNORE_INDEX, EncodedSample
-from keye.inference import ChatEngine, GenerationSettings
+from keye.generation import GenerationEngine
+from keye.inference import GenerationSettings
 from keye.processing import MERGE
 from keye.rope import multimodal_position_ids
 from keye.thyme import ToolLoop
@@ -47,6 +50,9 @@ class Rollout:
     reward: float = 0.0
     reward_terms: dict[str, float] = field(default_factory=dict)
     passed: bool = False
+    # [len - prompt_length] fp32: the engine's log-prob of each response token it sampled, NaN elsewhere (sandbox
+    # output) or None when the engine reports none
+    engine_logprobs: torch.Tensor | None = None
 
     @property
     def response_mask(self) -> torch.Tensor:
@@ -81,6 +87,17 @@ def chat_rollout_sample(prompt: EncodedSample, generated: list[int], eos_id: int
     return dataclasses.replace(prompt, input_ids=input_ids, labels=labels, position_ids=positions), finish
 
 
+def response_logprobs(logprobs: Sequence[float] | None, length: int) -> torch.Tensor | None:
+    """The engine's log-probs for a chat rollout's ``length`` response tokens (NaN where it reported none: a
+    response cut before a placeholder keeps fewer tokens, one ended by the end-of-turn token has its log-prob)."""
+    if logprobs is None:
+        return None
+    out = torch.full((length,), float("nan"))
+    n = min(length, len(logprobs))
+    out[:n] = torch.tensor(list(logprobs[:n]), dtype=torch.float32)
+    return out
+
+
 def read_prompt_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Prompt records from JSONL files; a record without ``messages`` or ``solution`` is an error naming it."""
     records = []
@@ -100,7 +117,7 @@ def read_prompt_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
 class RolloutSampler:
     """Samples ``n`` responses for each of many conversations, in batches, with per-call seeds."""
 
-    def __init__(self, engine: ChatEngine, cfg: RolloutConfig, seed: int = 0) -> None:
+    def __init__(self, engine: GenerationEngine, cfg: RolloutConfig, seed: int = 0) -> None:
         self.engine, self.cfg, self.seed = engine, cfg, seed
         self.calls = 0  # generate calls so far: part of each call's seed, saved with the step's state
         self._tool_loop: ToolLoop | None = None
@@ -172,12 +189,15 @@ class RolloutSampler:
             t0 = time.perf_counter()
             result = self.engine.generate_encoded([p for _, p in chunk], settings)
             self.generate_seconds += time.perf_counter() - t0
-            for (i, prompt), ids in zip(chunk, result.token_ids, strict=True):
+            engine_lps = result.logprobs or [None] * len(chunk)
+            for (i, prompt), ids, lps in zip(chunk, result.token_ids, engine_lps, strict=True):
                 sample, finish = chat_rollout_sample(prompt, ids, self.eos_id, settings.max_new_tokens)
                 response = sample.input_ids[len(prompt) :].tolist()
                 text = self.processor.tokenizer.decode(response, skip_special_tokens=True)
                 self.generated_tokens += len(response)
-                out[i].append(Rollout(records[i], i, sample, len(prompt), text, finish))
+                rollout = Rollout(records[i], i, sample, len(prompt), text, finish)
+                rollout.engine_logprobs = response_logprobs(lps, len(response))
+                out[i].append(rollout)
 
     def _sample_tools(self, conversations, records, indices: list[int], n: int, out: list[list[Rollout]]) -> None:
         if self._tool_loop is None:
@@ -197,6 +217,7 @@ class RolloutSampler:
                 self.generate_seconds += time.perf_counter() - t0
                 for i, traj in zip(chunk, trajectories, strict=True):
                     self.generated_tokens += traj.policy_tokens
-                    out[i].append(
-                        Rollout(records[i], i, traj.sample, traj.prompt_length, traj.text, traj.finish_reason)
-                    )
+                    rollout = Rollout(records[i], i, traj.sample, traj.prompt_length, traj.text, traj.finish_reason)
+                    if traj.engine_logprobs is not None:
+                        rollout.engine_logprobs = traj.engine_logprobs[traj.prompt_length :]
+                    out[i].append(rollout)

@@ -20,6 +20,13 @@ every training forward runs the vision tower (a zero-weighted dummy input on row
 ZeRO-3: generation runs a different number of forwards on every rank, which partitioned parameters cannot serve.
 Rollouts and old log-probs therefore run on a full replica of the policy, refreshed from the partitions (one
 gathered parameter at a time) before every rollout: one extra copy of the weights per GPU (16 GB for 8B in bf16).
+
+``rl.rollout.engine: vllm``: every rank builds one vLLM engine in its own process (on the job's process group) from
+``model.path`` once, and ``RLStep`` pushes the policy's weights into it in place before every rollout, i.e. after
+the optimizer steps of the previous RL step and after a resume (from the live module, or under ZeRO-3 from the
+replica just gathered). Old log-probs stay the trainer's, on the sampled tokens; the engine's own log-probs of
+those tokens are compared with them every step (``engine_logprob_diff/*``) and the push is timed
+(``time/weight_sync_s``).
 """
 
 from __future__ import annotations
@@ -142,7 +149,15 @@ def share_hint_levels(step: RLStep, prompts: list[dict], world: int) -> None:
             (hints.unsolved.add if unsolved else hints.unsolved.discard)(pid)
 
 
-_SUMMED = ("prompts", "prompts_skipped", "rollouts", "tokens/", "hint/groups_", "update/pad_rows")
+_SUMMED = (
+    "prompts",
+    "prompts_skipped",
+    "rollouts",
+    "tokens/",
+    "hint/groups_",
+    "update/pad_rows",
+    "engine_logprob_diff/tokens",
+)
 
 
 def reduce_stats(stats: dict[str, float], world: int) -> dict[str, float]:
@@ -261,6 +276,27 @@ def sync_replica(module: torch.nn.Module, replica: torch.nn.Module) -> None:
             target[name].data.copy_(param.data)
 
 
+def rollout_vllm_engine(cfg: RLRunConfig, processor: Any, precision: str, rank: int) -> Any:
+    """This rank's vLLM engine, built once from the policy's export (``model.path``) in the trainer's precision,
+    long enough for a prompt plus its answer (or a whole Thyme trajectory); seeded per rank."""
+    from keye.generation.vllm_engine import VLLMEngine
+
+    rollout = cfg.rl.rollout
+    settings = rollout.vllm
+    if not settings.max_model_len:
+        longest = rollout.max_prompt_tokens + rollout.max_new_tokens
+        if rollout.tools:
+            longest = max(longest, rollout.tool_loop.max_length)
+        settings = dataclasses.replace(settings, max_model_len=longest)
+    return VLLMEngine.from_pretrained(
+        cfg.model.path,
+        dtype="bfloat16" if precision == "bf16" else "float32",
+        settings=settings,
+        seed=cfg.rl.seed + 100_003 * rank,
+        processor=processor,
+    )
+
+
 # ------------------------------------------------------------------------------------------------------ the run
 def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
     """Run (or resume) the RL run described by ``cfg``; returns a summary on every rank."""
@@ -320,7 +356,10 @@ def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
         replica.to(device)
     trained = AlwaysRunVision(engine)
     policy = replica if zero3 else trained  # rollouts + old log-probs; the update always runs `trained`
-    chat = ChatEngine(replica if zero3 else engine.module, processor, str(device))
+    if cfg.rl.rollout.engine == "vllm":
+        chat = rollout_vllm_engine(cfg, processor, precision, rank)
+    else:
+        chat = ChatEngine(replica if zero3 else engine.module, processor, str(device))
     # per-rank sampling seeds: the ranks sample different prompts and must not share their noise
     rl_step = RLStep(policy, chat, dataclasses.replace(cfg.rl, seed=cfg.rl.seed + 100_003 * rank))
 
@@ -405,6 +444,8 @@ def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
         stop.restore()
         logger.close()
         rl_step.close()
+        if callable(getattr(chat, "close", None)):
+            chat.close()
     return {
         "step": step,
         "stopped_by": stopped_by,

@@ -1,9 +1,12 @@
 """One GSPO/GRPO step as an object the trainer drives: ``rollout(prompts) -> RolloutBatch``, ``update(batch, …)``.
 
-rollout: G samples per prompt with the current policy (hint in the user turn at the prompt's current level),
+rollout: G samples per prompt with the current policy (hint in the user turn at the prompt's current level; an
+engine holding its own copy of the weights, vLLM, first gets the policy's weights pushed in place),
 rewards from a :class:`RewardCombiner`, progressive hinting for all-fail groups (probe from level 1 up, re-roll
 the group at the weakest level that succeeds), group-normalised advantages, and old log-probs (plus entropy and
-optional reference log-probs) computed in ``no_grad`` on exactly the packed rows the update will use.
+optional reference log-probs) computed in ``no_grad`` on exactly the packed rows the update will use.  When the
+engine reports its own log-probs of the sampled tokens, they are kept beside the old log-probs
+(``RolloutBatch.engine_logp``) and their mean absolute difference is a step statistic (rollout/trainer drift).
 
 update: ``minibatches`` policy updates per rollout batch (the first is on-policy, so its ratio is exactly 1),
 each a sum of packed micro-rows whose losses are normalised by the minibatch's sequence count; the caller's
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from data_pipelines.packing import pack_row
-from keye.inference import ChatEngine
+from keye.generation import GenerationEngine
 from keye.logprobs import token_logprobs
 from keye.loss import shift_labels
 from train.rl.advantages import group_advantages
@@ -54,6 +57,7 @@ class RolloutBatch:
     ref_logp: Tensor | None
     minibatches: list[list[list[int]]]  # minibatch -> packed micro-rows -> rollout indices
     stats: dict[str, float] = field(default_factory=dict)
+    engine_logp: Tensor | None = None  # [N, T] the engine's log-probs of the same tokens (NaN: none reported)
 
     @property
     def micro_rows(self) -> list[int]:
@@ -64,6 +68,31 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
+
+
+def _engine_logprobs(rollouts: Sequence[Rollout], width: int) -> Tensor | None:
+    """``[N, width]`` engine log-probs of the response tokens (NaN where none), or None when no rollout has any."""
+    if all(r.engine_logprobs is None for r in rollouts):
+        return None
+    out = torch.full((len(rollouts), width), float("nan"))
+    for i, r in enumerate(rollouts):
+        if r.engine_logprobs is not None:
+            out[i, : r.engine_logprobs.numel()] = r.engine_logprobs
+    return out
+
+
+def logprob_drift(trainer_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """Mean and max ``|trainer − engine|`` log-prob over the sampled tokens both have (the rollout/trainer drift
+    monitor: weights or prompts that differ between the two show here first), and how many tokens were compared."""
+    both = mask & engine_logp.isfinite()
+    diff = (trainer_logp - engine_logp).abs()[both]
+    if diff.numel() == 0:
+        return {"engine_logprob_diff/tokens": 0.0}
+    return {
+        "engine_logprob_diff/mean": float(diff.mean()),
+        "engine_logprob_diff/max": float(diff.max()),
+        "engine_logprob_diff/tokens": float(diff.numel()),
+    }
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -79,7 +108,7 @@ class RLStep:
     def __init__(
         self,
         model: nn.Module,
-        engine: ChatEngine,
+        engine: GenerationEngine,
         cfg: RLConfig | None = None,
         rewards: RewardCombiner | None = None,
         hints: HintScheduler | None = None,
@@ -96,6 +125,17 @@ class RLStep:
             self.reference = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
         self.steps = 0
         self.skipped_prompts = 0
+        self.weight_sync_seconds = 0.0
+
+    def sync_engine(self) -> None:
+        """Push the policy's weights into an engine that holds its own copy (vLLM), in place; the transformers
+        engine generates with the policy itself. Under ZeRO-3 ``model`` is the full replica the run has just
+        gathered parameter by parameter, so no partition is gathered twice."""
+        self.weight_sync_seconds = 0.0
+        if getattr(self.engine, "holds_weights", False):
+            start = time.perf_counter()
+            self.engine.update_weights(_unwrap(self.model).named_parameters())
+            self.weight_sync_seconds = time.perf_counter() - start
 
     @property
     def device(self) -> torch.device:
@@ -216,6 +256,7 @@ class RLStep:
         policy = _unwrap(self.model)
         was_training = policy.training
         policy.eval()
+        self.sync_engine()
         records, messages, levels, encoded = [], [], [], []
         skipped = 0
         for record in prompts:
@@ -244,6 +285,8 @@ class RLStep:
                 r.hint_level = level
 
         rollouts = [r for group in groups for r in group]
+        if callable(getattr(self.engine, "sleep", None)):
+            self.engine.sleep()  # vLLM's sleep mode (GPU, rl.rollout.vllm.sleep_level): memory back to the trainer
         batch = self.prepare(rollouts)
         if was_training:
             policy.train()
@@ -277,12 +320,18 @@ class RLStep:
             "entropy": float((entropy * mask_d).sum() / max(n_policy, 1)),
             "time/old_logprob_s": time.perf_counter() - t_lp,
         }
-        return RolloutBatch(rollouts, rewards, adv.advantages, mask_d, old_logp, ref_logp, parts, stats)
+        engine_logp = _engine_logprobs(rollouts, width)
+        if engine_logp is not None:
+            stats.update(logprob_drift(old_logp.cpu(), engine_logp, mask))
+        batch = RolloutBatch(rollouts, rewards, adv.advantages, mask_d, old_logp, ref_logp, parts, stats)
+        batch.engine_logp = engine_logp
+        return batch
 
     def _rollout_stats(self, batch, records, levels, skipped, hint_stats, rollout_seconds) -> dict[str, float]:
         rollouts = batch.rollouts
         stats: dict[str, float] = {}
         stats["reward/mean"], stats["reward/std"] = _mean_std([r.reward for r in rollouts])
+        stats["reward/judge_failures"] = float(self.rewards.take_judge_failures())  # counted, never a silent 0
         for name in rollouts[0].reward_terms:
             m, s = _mean_std([r.reward_terms[name] for r in rollouts])
             stats[f"reward/{name}/mean"], stats[f"reward/{name}/std"] = m, s
@@ -300,6 +349,7 @@ class RLStep:
                 "hint/level_mean": sum(levels) / len(levels),
                 "hint/groups_hinted": float(sum(1 for lv in levels if lv > 0)),
                 "time/rollout_s": rollout_seconds,
+                "time/weight_sync_s": self.weight_sync_seconds,
                 "time/generate_s": self.sampler.generate_seconds,
                 "tokens/generated": float(self.sampler.generated_tokens),
                 "tokens/rollout_per_s": self.sampler.generated_tokens / max(self.sampler.generate_seconds, 1e-9),
