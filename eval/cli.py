@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="benchmark data: a file or directory in the benchmark's published layout")
     parser.add_argument("--out", help="output directory (predictions.jsonl, results.json, report.md)")
     parser.add_argument("--limit", type=int, help="first N samples of each benchmark")
-    parser.add_argument("--mode", choices=["think", "no_think", "auto"], help="reasoning mode suffix")
+    parser.add_argument(
+        "--mode", choices=["think", "no_think", "auto"], help="reasoning mode suffix (default: each benchmark's own)"
+    )
     parser.add_argument(
         "--engine", choices=["transformers", "vllm"], help="generation engine for --model (generation.engine)"
     )
@@ -47,8 +49,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if getattr(args, "engine", None):
         flags.append(f"generation.engine={args.engine}")
     cfg = load_config(EvalConfig, args.config, flags + list(args.overrides or []))
-    if cfg.mode not in ("think", "no_think", "auto"):
-        raise ValueError(f"mode must be think, no_think or auto, got {cfg.mode!r}")
+    if cfg.mode not in ("", "think", "no_think", "auto"):
+        raise ValueError(f"mode must be think, no_think, auto or '' (each benchmark's own), got {cfg.mode!r}")
     return cfg
 
 

@@ -114,7 +114,9 @@ class EvalConfig:
     data_paths: dict[str, str] = field(default_factory=dict)
     out: str = "eval_out"
     limit: int = 0
-    mode: str = "auto"
+    # reasoning mode suffix: think | no_think | auto, or "" for each benchmark's own (KC-MMBench: think, as its
+    # published runs; the others: auto)
+    mode: str = ""
     engine: str = "keye"
     engine_args: dict[str, Any] = field(default_factory=dict)
     device: str | None = None

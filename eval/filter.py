@@ -92,7 +92,9 @@ def ask_judge(
     bs = max(1, cfg.generation.batch_size)
     for start in range(0, len(samples), bs):
         batch = samples[start : start + bs]
-        convs = [user_conversation([image_item(frames[s.id], cfg.media)], bench.prompt(s), cfg.mode) for s in batch]
+        convs = [
+            user_conversation([image_item(frames[s.id], cfg.media)], bench.prompt(s), bench.mode(cfg)) for s in batch
+        ]
         outputs = engine.generate(convs, settings)
         for s, out in zip(batch, outputs):
             ext = bench.extract(s, out)

@@ -283,6 +283,7 @@ def finish(
         bench_samples = [s for s in samples if s.bench == bench.name]
         recs = {s.id: by_key[(s.bench, s.id)] for s in bench_samples if (s.bench, s.id) in by_key}
         entry = aggregate(bench, bench_samples, recs, judged)
+        entry["mode"] = bench.mode(cfg)
         entry["skipped_rows"] = len(skipped[bench.name])
         entry["skipped"] = skipped[bench.name][:50]
         bench_errors = [e for e in errors if e["bench"] == bench.name]

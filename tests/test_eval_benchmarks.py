@@ -133,7 +133,7 @@ def test_kc_mmbench_tasks(tmp_path):
     video = loaded.samples[0].video
     assert isinstance(video, list) and all(Path(p).is_file() for p in video) and len(video) == 2
     text = spu.conversation(loaded.samples[0], cfg)[0]["content"][-1]["text"]
-    assert text.endswith("\n" + YORN_INSTRUCTION)
+    assert text.endswith("\n" + YORN_INSTRUCTION + " /think")  # KC-MMBench's own mode: the published runs think
 
     res = run_eval(cfg)
     b = res["benchmarks"]
@@ -222,3 +222,17 @@ def test_kc_mmbench_prompt_suffixes_match_the_reference():
             YORN_INSTRUCTION if bench.name in ("Pornographic_Comment", "High_like", "SPU") else SHORT_ANSWER_INSTRUCTION
         )
         assert bench.prompt(sample) == "问题\n" + suffix, bench.name
+
+
+def test_kc_mmbench_runs_in_think_mode_unless_the_run_sets_one():
+    """The published KC-MMBench runs use /think; other benchmarks default to auto; a run's mode wins."""
+    from eval.benchmarks.base import Sample
+
+    kc = get_benchmarks(["kc_mmbench"])[0]
+    other = get_benchmarks(["time"])[0]
+    default = EvalConfig()
+    sample = Sample(id="1", bench=kc.name, category="", kind=kc.task.kind, question="问题", answer="是")
+    assert (kc.mode(default), other.mode(default)) == ("think", "auto")
+    assert kc.conversation(sample, default)[-1]["content"][-1]["text"].endswith("/think")
+    no_think = EvalConfig(mode="no_think")
+    assert (kc.mode(no_think), other.mode(no_think)) == ("no_think", "no_think")

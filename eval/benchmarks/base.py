@@ -99,6 +99,7 @@ class Benchmark(ABC):
     data_keys: tuple[str, ...] = ()
     chance_by_category: dict[str, float] = {}
     prompt_suffix: str = ""
+    default_mode: str = "auto"  # the reasoning mode when the run does not set one (EvalConfig.mode "")
 
     # (1) load ---------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -120,8 +121,12 @@ class Benchmark(ABC):
             items.append(video_item(sample, media))
         return items
 
+    def mode(self, cfg: EvalConfig) -> str:
+        """The reasoning mode this benchmark is run in: the run's, else the benchmark's own."""
+        return cfg.mode or self.default_mode
+
     def conversation(self, sample: Sample, cfg: EvalConfig) -> list[dict[str, Any]]:
-        return user_conversation(self.media_items(sample, cfg.media), self.prompt(sample), cfg.mode)
+        return user_conversation(self.media_items(sample, cfg.media), self.prompt(sample), self.mode(cfg))
 
     # (3) extract and (4) score: keye.answers, the checker the RL accuracy reward uses too ----------------------
     def score(self, sample: Sample, output: str, judge: Judge | None = None) -> Check:

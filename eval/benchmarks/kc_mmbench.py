@@ -63,6 +63,7 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
 
 class KCMMBenchTask(Benchmark):
     data_keys = ("kc_mmbench", "KC-MMBench", "KC-MMbench")
+    default_mode = "think"  # the published runs (Kwai's VLMEvalKit fork, cfg.json: think: true)
 
     def __init__(self, task: KCTask) -> None:
         self.task = task
