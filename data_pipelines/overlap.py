@@ -23,6 +23,17 @@ R = TypeVar("R")
 _DONE = object()
 
 
+def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put ``item`` on ``q``, waiting while it is full; False (not put) once ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def read_ahead(items: Iterator[T], depth: int = 4) -> Iterator[T]:
     """Iterate ``items`` on a background thread, up to ``depth`` items ahead of the consumer.
 
@@ -33,13 +44,7 @@ def read_ahead(items: Iterator[T], depth: int = 4) -> Iterator[T]:
     stop = threading.Event()
 
     def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _put(out, item, stop)
 
     def produce() -> None:
         torch.set_num_threads(1)  # this thread's tensor work (e.g. decord frames' features) stays on one core
@@ -138,13 +143,7 @@ def ordered_parallel(
     state = {"idle": 0, "unfinished": len(jobs)}
 
     def put(q: queue.Queue, item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _put(q, item, stop)
 
     def run_job(j: int) -> None:
         items = None
