@@ -314,8 +314,6 @@ def _decord_frames(
             batch = reader.get_batch(indices[start : start + chunk]).asnumpy()
             for k, arr in enumerate(batch):
                 yield start + k, work(arr)
-    except MediaError:
-        raise
     except Exception as exc:
         raise MediaError("corrupt", f"decord decoding failed: {str(exc).splitlines()[0]}", label) from exc
 

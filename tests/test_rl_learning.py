@@ -55,6 +55,25 @@ def _task(root) -> list[dict]:
     return records
 
 
+def format_only_sft(model, processor: KeyeVLProcessor, records: list[dict], root, rng: random.Random) -> None:
+    """Every image paired with every colour, 30 steps: the model learns to answer with one colour word but not
+    which one (what GSPO must then learn)."""
+    sft = [
+        processor.encode_conversation(
+            r["messages"] + [{"role": "assistant", "content": c}], mode="no_think", media_root=root
+        )
+        for r in records
+        for c in COLOURS
+    ]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(30):
+        batch = pack_row(rng.sample(sft, 8), 8 * len(sft[0]))
+        model(**batch.model_inputs()).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def _greedy_accuracy(engine: ChatEngine, records: list[dict], root) -> float:
     engine.model.eval()
     prompts = [
@@ -83,23 +102,7 @@ def test_gspo_raises_accuracy_on_the_colour_task(tmp_path, one_thread):
     records = _task(tmp_path)
     processor = KeyeVLProcessor()
     model = KeyeVLForConditionalGeneration(micro_config())
-
-    # Format-only SFT: every image paired with every colour, so the model learns to answer with one colour word
-    # but not which one.
-    sft = [
-        processor.encode_conversation(
-            r["messages"] + [{"role": "assistant", "content": c}], mode="no_think", media_root=tmp_path
-        )
-        for r in records
-        for c in COLOURS
-    ]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(30):
-        batch = pack_row(rng.sample(sft, 8), 8 * len(sft[0]))
-        model(**batch.model_inputs()).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    format_only_sft(model, processor, records, tmp_path, rng)
 
     engine = ChatEngine(model, processor, "cpu")
     initial = _greedy_accuracy(engine, records, tmp_path)

@@ -21,7 +21,6 @@ import yaml
 
 pytest.importorskip("vllm", reason="the vLLM engine tests run in the vLLM environment (make vllm-env)")
 
-from data_pipelines.packing import pack_row  # noqa: E402
 from keye.generation import VLLMSettings  # noqa: E402
 from keye.generation.vllm_engine import VLLMEngine  # noqa: E402
 from keye.inference import ChatEngine  # noqa: E402
@@ -29,7 +28,7 @@ from keye.modeling import KeyeVLForConditionalGeneration  # noqa: E402
 from keye.processing import KeyeVLProcessor  # noqa: E402
 from tests.released_helpers import export  # noqa: E402
 from tests.spine_fixtures import micro_config  # noqa: E402
-from tests.test_rl_learning import COLOURS, _greedy_accuracy, _task  # noqa: E402
+from tests.test_rl_learning import _greedy_accuracy, _task, format_only_sft  # noqa: E402
 from tests.test_rl_run import _setup  # noqa: E402
 from train.rl.config import HintConfig, RLConfig, RolloutConfig, UpdateConfig  # noqa: E402
 from train.rl.losses import PolicyLossConfig  # noqa: E402
@@ -53,20 +52,7 @@ def test_gspo_raises_accuracy_on_the_colour_task_with_vllm_rollouts(tmp_path, on
     records = _task(tmp_path)
     processor = KeyeVLProcessor()
     model = KeyeVLForConditionalGeneration(micro_config(text={"head_dim": 32}))
-    sft = [
-        processor.encode_conversation(
-            r["messages"] + [{"role": "assistant", "content": c}], mode="no_think", media_root=tmp_path
-        )
-        for r in records
-        for c in COLOURS
-    ]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(30):
-        batch = pack_row(rng.sample(sft, 8), 8 * len(sft[0]))
-        model(**batch.model_inputs()).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    format_only_sft(model, processor, records, tmp_path, rng)
 
     # the engine is built once from the policy's export; every rollout first pushes the current weights into it
     settings = VLLMSettings(max_model_len=1024, limit_mm_per_prompt={"image": 1, "video": 0})

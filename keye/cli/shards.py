@@ -57,33 +57,25 @@ def frame_encoding(args: argparse.Namespace):
     """The ``FrameEncoding`` of ``--frames``: codec, quality and the video options the frames are read with."""
     import dataclasses
 
+    import yaml
+
     from data_pipelines.frame_shards import FrameEncoding
     from data_pipelines.media import VideoOptions
-    from data_pipelines.schema import VIDEO_OPTIONS
 
     video = VideoOptions()
     if args.model:
         from keye.processing import load_processor_config
 
         video = load_processor_config(args.model).video
+    names = [f.name for f in dataclasses.fields(VideoOptions)]
     changes = {}
     for pair in args.video:
         key, sep, value = pair.partition("=")
-        if not sep or key not in VIDEO_OPTIONS:
-            raise ValueError(f"--video {pair!r}: expected KEY=VALUE with KEY one of {sorted(VIDEO_OPTIONS)}")
-        kind = str if isinstance(getattr(video, key), str) else VIDEO_OPTIONS[key]  # the schema lists numbers only
-        if value.lower() in ("none", "null"):
-            changes[key] = None
-        elif kind is bool:
-            if value.lower() not in ("true", "false"):
-                raise ValueError(f"--video {pair!r}: expected true or false")
-            changes[key] = value.lower() == "true"
-        else:
-            try:
-                changes[key] = kind(value)
-            except ValueError:
-                raise ValueError(f"--video {pair!r}: expected {kind.__name__}, found {value!r}") from None
-    return FrameEncoding(args.frames_codec, args.frames_quality, dataclasses.replace(video, **changes))
+        if not sep or key not in names:
+            raise ValueError(f"--video {pair!r}: expected KEY=VALUE with KEY one of {sorted(names)}")
+        # typed as a command-line override of data.video is (YAML scalars: 2, 0.95, true, null); VideoOptions checks
+        changes[key] = None if value.lower() == "none" else yaml.safe_load(value)
+    return FrameEncoding(args.frames_codec, args.frames_quality, video.with_changes(changes, "--video"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -323,9 +323,9 @@ class RLStep:
         engine_logp = _engine_logprobs(rollouts, width)
         if engine_logp is not None:
             stats.update(logprob_drift(old_logp.cpu(), engine_logp, mask))
-        batch = RolloutBatch(rollouts, rewards, adv.advantages, mask_d, old_logp, ref_logp, parts, stats)
-        batch.engine_logp = engine_logp
-        return batch
+        return RolloutBatch(
+            rollouts, rewards, adv.advantages, mask_d, old_logp, ref_logp, parts, stats, engine_logp=engine_logp
+        )
 
     def _rollout_stats(self, batch, records, levels, skipped, hint_stats, rollout_seconds) -> dict[str, float]:
         rollouts = batch.rollouts
