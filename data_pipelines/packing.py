@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from keye.encoded import IGNORE_INDEX, EncodedSample, PackedBatch
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, PackedBatch
 
 log = logging.getLogger(__name__)
 

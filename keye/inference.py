@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from keye.encoded import EncodedSample
+from data_pipelines.encoded import EncodedSample
 
 
 @dataclass

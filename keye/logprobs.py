@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from keye.encoded import IGNORE_INDEX
+from data_pipelines.encoded import IGNORE_INDEX
 
 DEFAULT_CHUNK = 4096
 

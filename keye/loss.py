@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from keye.encoded import IGNORE_INDEX
+from data_pipelines.encoded import IGNORE_INDEX
 
 DEFAULT_CHUNK = 4096
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample
 from data_pipelines.media import FAST, VideoClip, VideoOptions, timestamp_text
 from data_pipelines.resize import MAX_PIXELS, MIN_PIXELS
 from keye.configuration import (
@@ -37,7 +38,6 @@ from keye.configuration import (
     VISION_END_TOKEN_ID,
     VISION_START_TOKEN_ID,
 )
-from keye.encoded import IGNORE_INDEX, EncodedSample
 from keye.image_processing import image_to_patches, video_to_patches
 from keye.preprocessor_config import ImageProcessorConfig
 from keye.reasoning import apply_mode

@@ -23,7 +23,7 @@ BUNDLE: dict[str, str] = {
     "keye.attention": "keye_attention.py",
     "keye.checkpoint": "keye_checkpoint.py",
     "keye.compat": "keye_compat.py",
-    "keye.encoded": "keye_encoded.py",
+    "data_pipelines.encoded": "keye_encoded.py",
     "keye.loss": "keye_loss.py",
     "keye.rope": "keye_rope.py",
     "keye.sequence_parallel": "keye_sequence_parallel.py",

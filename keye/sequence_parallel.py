@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data_pipelines.encoded import IGNORE_INDEX, PackedBatch
 from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
-from keye.encoded import IGNORE_INDEX, PackedBatch
 from keye.loss import DEFAULT_CHUNK, cross_entropy_sum, shift_labels
 from keye.rope import split_frames
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_pipelines.encoded import IGNORE_INDEX
 from keye.attention import resolve_backend, varlen_attention
-from keye.encoded import IGNORE_INDEX
 from keye.loss import chunked_cross_entropy
 from keye.rope import MultimodalRotaryEmbedding, multimodal_position_ids
 from keye.vision import KeyeProjector

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_pipelines.encoded import IGNORE_INDEX
 from keye.configuration import KeyeVLConfig
-from keye.encoded import IGNORE_INDEX
 from keye.model_config import load_model_config
 from keye.modeling import KeyeVLForConditionalGeneration
 from tests.spine_fixtures import micro_config, random_clip, random_image

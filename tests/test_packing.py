@@ -7,6 +7,7 @@ import torch
 import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample
 from data_pipelines.packing import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
@@ -17,7 +18,6 @@ from data_pipelines.packing import (
     truncate_sample,
 )
 from data_pipelines.reader import MappedStream, ShardStream
-from keye.encoded import IGNORE_INDEX, EncodedSample
 
 VSTART, VEND, FRAME = 151652, 151653, 151675
 PATCH_DIM = 6

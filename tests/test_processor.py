@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from data_pipelines import synthetic
+from data_pipelines.encoded import IGNORE_INDEX
 from data_pipelines.image_reader import load_image
 from data_pipelines.media import MediaError
 from data_pipelines.video_reader import clip_pixels
@@ -20,7 +21,6 @@ from keye.configuration import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
 )
-from keye.encoded import IGNORE_INDEX
 from keye.image_processing import image_to_patches, patchify
 from keye.preprocessor_config import PREPROCESSOR_CONFIG, ImageProcessorConfig
 from keye.processing import PROCESSOR_CONFIG, KeyeVLProcessor

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from data_pipelines import synthetic
+from data_pipelines.encoded import IGNORE_INDEX
 from data_pipelines.packing import pack_row
 from data_pipelines.sample_data import draw_shape
-from keye.encoded import IGNORE_INDEX
 from keye.inference import ChatEngine, GenerationResult
 from keye.logprobs import token_logprobs
 from keye.loss import shift_labels

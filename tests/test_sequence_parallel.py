@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from keye.encoded import IGNORE_INDEX, PackedBatch
+from data_pipelines.encoded import IGNORE_INDEX, PackedBatch
 from keye.loss import shift_labels
 from keye.modeling import KeyeVLForConditionalGeneration
 from keye.sequence_parallel import (

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipelines.encoded import IGNORE_INDEX
 from keye.configuration import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
-from keye.encoded import IGNORE_INDEX
 from keye.inference import ChatEngine, GenerationResult, GenerationSettings
 from keye.processing import KeyeVLProcessor
 from keye.thyme import ToolLoop, ToolLoopConfig, add_thyme_prompt, thyme_conversation

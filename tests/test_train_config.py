@@ -103,7 +103,7 @@ def test_param_groups_and_freeze_plan():
 
 
 def test_media_members_become_bytes_and_rows_concatenate():
-    from keye.encoded import PackedBatch
+    from data_pipelines.encoded import PackedBatch
     from train.data import concat_rows, label_count, with_media_bytes
 
     record = {

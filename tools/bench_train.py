@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, PackedBatch  # noqa: E402
 from data_pipelines.packing import pack_row  # noqa: E402
 from keye.attention import resolve_backend  # noqa: E402
 from keye.compat import enable_activation_checkpointing  # noqa: E402
 from keye.configuration import KeyeVLConfig  # noqa: E402
-from keye.encoded import IGNORE_INDEX, EncodedSample, PackedBatch  # noqa: E402
 from keye.loss import shift_labels  # noqa: E402
 from keye.model_config import load_model_config  # noqa: E402
 from keye.modeling import KeyeVLForConditionalGeneration  # noqa: E402

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, PackedBatch
 from data_pipelines.frame_shards import check_manifest_options, is_frames_member, read_frames_member
 from data_pipelines.media import VideoClip, VideoOptions
 from data_pipelines.packing import Packer
 from data_pipelines.reader import MappedStream, ShardStream, SourceSpec, expand_shards
-from keye.encoded import IGNORE_INDEX, EncodedSample, PackedBatch
 from keye.loss import shift_labels
 from keye.processing import KeyeVLProcessor
 from train.config import LOADER_WORKERS_PER_GPU, DataConfig, resolve_path

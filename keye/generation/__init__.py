@@ -7,7 +7,7 @@
   the model sees is decided by ``keye.processing`` alone; every request checks that vLLM's expanded prompt equals
   ours.
 
-Both take :class:`~keye.encoded.EncodedSample` prompts and return a :class:`~keye.inference.GenerationResult`;
+Both take :class:`~data_pipelines.encoded.EncodedSample` prompts and return a :class:`~keye.inference.GenerationResult`;
 ``update_weights`` refreshes an engine that holds its own copy of the weights (a trainer pushes into it in place).
 vLLM is an optional install (``make vllm-env``): :func:`check_engine` is what configs call at load time, so a run
 asking for it without it fails before any work with a one-line message.
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:  # configs import this module: it must not pull in the model stack
     import torch
 
-    from keye.encoded import EncodedSample
+    from data_pipelines.encoded import EncodedSample
     from keye.inference import GenerationResult, GenerationSettings
     from keye.processing import KeyeVLProcessor
 

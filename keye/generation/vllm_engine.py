@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from keye.encoded import EncodedSample
+from data_pipelines.encoded import EncodedSample
 from keye.generation import VLLMSettings, check_engine
 from keye.generation.vllm_inputs import ClipRecordingProcessor, vllm_prompt
 from keye.inference import GenerationResult, GenerationSettings, default_device

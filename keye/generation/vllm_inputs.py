@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from data_pipelines.encoded import EncodedSample
 from data_pipelines.media import VideoClip
 from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
-from keye.encoded import EncodedSample
 from keye.image_processing import PATCH
 from keye.preprocessor_config import ImageProcessorConfig
 from keye.processing import KeyeVLProcessor

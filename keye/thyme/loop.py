@@ -21,8 +21,8 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from data_pipelines.encoded import EncodedSample
 from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
-from keye.encoded import EncodedSample
 from keye.inference import GenerationResult, GenerationSettings
 from keye.processing import KeyeVLProcessor
 from keye.sandbox import Sandbox, SandboxSession, extract_code

@@ -3,7 +3,7 @@
 The state is kept at the id level rather than re-encoded from text after every round: generated tokens are
 appended exactly as sampled (policy tokens), sandbox output is tokenised with the same processor calls
 ``encode_conversation`` uses (``<sandbox_output>``, text, ``image_ids(grid)`` per image), and each spliced image's
-patches join the sample's ``pixel_values``. So the final :class:`~keye.encoded.EncodedSample` is token for token
+patches join the sample's ``pixel_values``. So the final :class:`~data_pipelines.encoded.EncodedSample` is token for token
 the context of every generation step, and the RL trainer can recompute log-probs on it with ``policy_mask``
 (1 = sampled by the policy, 0 = prompt or sandbox output) aligned to ``input_ids``. When the engine reports the
 log-prob of each token it sampled (vLLM), ``engine_logprobs`` holds them on the same positions (NaN elsewhere).
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample
 from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
-from keye.encoded import IGNORE_INDEX, EncodedSample
 from keye.processing import MERGE, KeyeVLProcessor
 from keye.reasoning import extract_final_answer
 from keye.rope import multimodal_position_ids

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample
 from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
-from keye.encoded import IGNORE_INDEX, EncodedSample
 from keye.generation import GenerationEngine
 from keye.inference import GenerationSettings
 from keye.processing import MERGE
