@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image", action="append", default=[], help="input image (repeatable); the first is image_path"
     )
     parser.add_argument(
-        "--out-dir", default="sandbox_out", help="where output images are copied (default: %(default)s)"
+        "--out-dir",
+        default=None,
+        help="where output images are copied (default: a new temporary directory; the images' paths are printed)",
     )
     parser.add_argument("--config", default=None, help="YAML file for SandboxConfig")
     parser.add_argument("overrides", nargs="*", help="SandboxConfig overrides, e.g. timeout_s=5 memory_mb=1024")
