@@ -42,6 +42,7 @@ setup(
             "pytest>=8,<9.3",
             "pytest-timeout>=2.3,<2.5",
             "ruff==0.17.6",
+            "import-linter>=2.17,<2.18",  # `make lint`: the package layers (.importlinter)
             "keye-vl-utils==1.5.2",  # the original implementation: reference for exact-equality tests and benchmarks
             "torchvision>=0.26,<0.30",  # imported by keye-vl-utils (which does not declare it); the library never does
             "einops>=0.8,<0.9",  # imported by keye-vl-utils
