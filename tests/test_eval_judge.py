@@ -1,54 +1,25 @@
 """The optional LLM judge: an OpenAI-compatible endpoint (a server this test starts) and a local engine."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import pytest
 
 from eval.config import EvalConfig
 from eval.runner import run_eval
 from keye.typed_config import from_dict
 from tests.eval_fake_engine import write_kc
+from tests.judge_server import judge_server
 
 
-class _Handler(BaseHTTPRequestHandler):
-    requests: list[dict] = []
-
-    def do_POST(self):  # noqa: N802 (http.server API)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _Handler.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-        prompt = body["messages"][0]["content"]
-        if "模型回答：红色" in prompt:
-            # garbage first: the judge must retry, with a higher temperature
-            reply = "回答正确" if body["temperature"] > 0 else "hmm"
-        elif "模型回答：" in prompt:
-            reply = "回答错误"
-        else:
-            reply = "是"  # "which choice does the answer select"
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def _reply(body: dict) -> str:
+    prompt = body["messages"][0]["content"]
+    if "模型回答：红色" in prompt:
+        # garbage first: the judge must retry, with a higher temperature
+        return "回答正确" if body["temperature"] > 0 else "hmm"
+    if "模型回答：" in prompt:
+        return "回答错误"
+    return "是"  # "which choice does the answer select"
 
 
-@pytest.fixture
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    _Handler.requests = []
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_openai_judge_grades_vqa_and_rescues_unparseable(tmp_path, server, monkeypatch):
+def test_openai_judge_grades_vqa_and_rescues_unparseable(tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "secret")
     write_kc(
         tmp_path,
@@ -65,14 +36,15 @@ def test_openai_judge_grades_vqa_and_rescues_unparseable(tmp_path, server, monke
             "out": str(tmp_path / "out"),
             "progress": False,
             "engine": "tests.eval_fake_engine:make",
-            "judge": {"kind": "openai", "url": server, "model": "judge-model", "api_key_env": "JUDGE_KEY"},
+            "judge": {"kind": "openai", "url": "", "model": "judge-model", "api_key_env": "JUDGE_KEY"},
         },
     )
-    res = run_eval(cfg)
+    with judge_server(_reply) as (url, reqs):
+        cfg.judge.url = url
+        res = run_eval(cfg)
     cpv, spu = res["benchmarks"]["CPV"], res["benchmarks"]["SPU"]
     assert cpv["overall"]["correct"] == 1 and cpv["judged_samples"] == 2 and "LLM judge" in cpv["scoring"]
     assert spu["overall"]["correct"] == 1 and spu["judged_samples"] == 1
-    reqs = _Handler.requests
     assert all(r["path"] == "/v1/chat/completions" and r["model"] == "judge-model" for r in reqs)
     assert reqs[0]["auth"] == "Bearer secret"
     retried = [r["temperature"] for r in reqs if "模型回答：红色" in r["messages"][0]["content"]]

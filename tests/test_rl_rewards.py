@@ -1,13 +1,12 @@
 """Reward functions, the weighted combiner with Thyme's gating, and the judge hook (callable and local HTTP)."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
 import keye.answers
 from keye.typed_config import from_dict
+from tests.judge_server import judge_server
 from train.rl import rewards as R
 from train.rl.rewards import (
     OpenAICompatibleJudge,
@@ -141,46 +140,22 @@ def test_resolve_and_config_errors():
         R.consistency_reward(think("B"), {"solution": "B"})
 
 
-class _JudgeHandler(BaseHTTPRequestHandler):
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802 - http.server API
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _JudgeHandler.seen.append((self.path, body))
-        prompt = body["messages"][0]["content"]
-        verdict = 1 if "模型回答：forty-two" in prompt else 0  # keye.judge.GRADE_PROMPT, shared with eval
-        reply = {"choices": [{"message": {"role": "assistant", "content": json.dumps({"Correctness": verdict})}}]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def _grade(body: dict) -> str:
+    verdict = 1 if "模型回答：forty-two" in body["messages"][0]["content"] else 0  # keye.judge.GRADE_PROMPT
+    return json.dumps({"Correctness": verdict})
 
 
-@pytest.fixture
-def judge_server():
-    server = HTTPServer(("127.0.0.1", 0), _JudgeHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
-
-
-def test_openai_compatible_judge_over_local_http(judge_server):
-    _JudgeHandler.seen.clear()
-    cfg = {"terms": [{"fn": "accuracy_reward"}], "judge_url": judge_server, "judge_model": "judge-7b"}
-    comb = RewardCombiner(from_dict(RewardConfig, cfg))
-    assert isinstance(comb.judge, OpenAICompatibleJudge)
-    total, _ = comb(think("forty-two"), {"solution": "42", "question": "6*7?"})
-    assert total == 1.0  # rules fail ("forty-two" vs 42), the judge says correct
-    total, _ = comb(think("forty-one"), {"solution": "42", "question": "6*7?"})
-    assert total == 0.0
-    path, body = _JudgeHandler.seen[0]
-    assert path == "/v1/chat/completions" and body["model"] == "judge-7b" and body["temperature"] == 0.1
-    _JudgeHandler.seen.clear()
-    assert comb(think("42"), {"solution": "42"})[0] == 1.0 and not _JudgeHandler.seen  # rules first, judge unused
+def test_openai_compatible_judge_over_local_http():
+    cfg = {"terms": [{"fn": "accuracy_reward"}], "judge_url": "", "judge_model": "judge-7b"}
+    with judge_server(_grade) as (url, seen):
+        cfg["judge_url"] = url
+        comb = RewardCombiner(from_dict(RewardConfig, cfg))
+        assert isinstance(comb.judge, OpenAICompatibleJudge)
+        total, _ = comb(think("forty-two"), {"solution": "42", "question": "6*7?"})
+        assert total == 1.0  # rules fail ("forty-two" vs 42), the judge says correct
+        total, _ = comb(think("forty-one"), {"solution": "42", "question": "6*7?"})
+        assert total == 0.0
+        assert seen[0]["path"] == "/v1/chat/completions" and seen[0]["model"] == "judge-7b"
+        assert seen[0]["temperature"] == 0.1
+        seen.clear()
+        assert comb(think("42"), {"solution": "42"})[0] == 1.0 and not seen  # rules first, judge unused
