@@ -12,7 +12,10 @@ only (the original keeps every sampled frame at full resolution, several GB ther
 and motion are what training data looks like): each reader runs in its own warm process that reads the clips one
 after another, the two alternate ``--repeat`` times, and per clip the medians are compared; identical means
 equal frame count, timestamps (as prompt text), frame types, slow/fast sizes and every frame's pixels (SHA-1).
-It prints the ratio's median, geometric mean and worst clip, and exits non-zero if any clip differs.
+It prints the ratio's median, geometric mean and worst clip, and exits non-zero if any clip differs. Beside each
+reader's seconds it prints its CPU seconds (all threads), and ``ceiling``: the ratio ours would reach if its CPU
+work were spread perfectly over every core (reference seconds over ours' CPU seconds per core): no scheduling
+change can beat it, only less work per read.
 
     python tools/bench_video.py [--workdir /tmp/keye_bench] [--seconds 30] [--repeat 5] [--long]
     python tools/bench_video.py --real ../shared/data/real_videos [--repeat 5]
@@ -86,10 +89,10 @@ def _read_real(impl: str, path: str) -> dict:
     from data_pipelines.media import timestamp_text
     from data_pipelines.video_reader import load_video
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if impl == "ref":
         frames, kw = fetch_video({"video": path})
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         out = {
             "timestamps": [format(t, ".1f") for t in kw["timestamps"]],
             "frame_types": [int(t) for t in kw["frame_types"]],
@@ -98,7 +101,7 @@ def _read_real(impl: str, path: str) -> dict:
         }
     else:
         clip = load_video(path)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         frames = clip.frames
         out = {
             "timestamps": [timestamp_text(t) for t in clip.timestamps],
@@ -110,6 +113,7 @@ def _read_real(impl: str, path: str) -> dict:
     out["shape"] = list(frames.shape)
     out["sha1"] = hashlib.sha1(frames.contiguous().numpy().tobytes()).hexdigest()
     out["seconds"] = seconds
+    out["cpu"] = cpu
     return out
 
 
@@ -144,24 +148,36 @@ def _real(folder: str, repeat: int) -> int:
                     r = json.loads(line)
                     runs[impl].setdefault(r["path"], []).append(r)
     print(f"cpu cores: {os.cpu_count()}, repeats: {repeat} (median per clip), real clips from {folder}")
-    print(f"{'clip':24} {'frames':>6} {'ref s':>7} {'ours s':>7} {'ratio':>6}  identical")
+    print(
+        f"{'clip':24} {'frames':>6} {'ref s':>7} {'ref cpu':>7} {'ours s':>7} {'ours cpu':>8} {'ratio':>6} "
+        f"{'ceiling':>7}  identical"
+    )
     keys = ("frames", "shape", "timestamps", "frame_types", "slow_hw", "fast_hw", "sha1")
-    ratios, identical = [], 0
+    cores = len(os.sched_getaffinity(0))
+    ratios, ceilings, identical = [], [], 0
     for path in paths:
         ref, ours = runs["ref"][path], runs["ours"][path]
         same = _same(runs, path, keys)
         identical += same
         ref_s = statistics.median(r["seconds"] for r in ref)
         our_s = statistics.median(r["seconds"] for r in ours)
+        ref_cpu = statistics.median(r["cpu"] for r in ref)
+        our_cpu = statistics.median(r["cpu"] for r in ours)
         ratios.append(ref_s / our_s)
+        ceilings.append(ref_s / (our_cpu / cores))
         name = os.path.basename(path)
-        print(f"{name:24} {ours[0]['frames']:6d} {ref_s:7.3f} {our_s:7.3f} {ref_s / our_s:5.2f}x  {same}", flush=True)
+        print(
+            f"{name:24} {ours[0]['frames']:6d} {ref_s:7.3f} {ref_cpu:7.3f} {our_s:7.3f} {our_cpu:8.3f} "
+            f"{ratios[-1]:5.2f}x {ceilings[-1]:6.2f}x  {same}",
+            flush=True,
+        )
     geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     worst = min(range(len(ratios)), key=ratios.__getitem__)
     print(
         f"speed-up over keye-vl-utils on {len(ratios)} real clips: median {statistics.median(ratios):.2f}x, "
         f"geometric mean {geo:.2f}x, worst {ratios[worst]:.2f}x ({os.path.basename(paths[worst])}); "
-        f"identical on {identical} of {len(ratios)}"
+        f"identical on {identical} of {len(ratios)}; ceiling at perfect use of {cores} cores: median "
+        f"{statistics.median(ceilings):.2f}x"
     )
     return 0 if identical == len(paths) else 1
 
