@@ -13,7 +13,7 @@ def test_video_row_is_full_and_consistent():
     row = video_row(cfg, 300, TINY_SHAPE)
     assert row.input_ids.shape == (1, 300) and int(row.cu_seqlens[-1]) == 300
     n_video = int((row.input_ids == cfg.video_token_id).sum())
-    assert n_video == int(row.video_grid_thw.prod(-1).sum()) // 4 > 0  # 2×2 merge
+    assert n_video == int(row.visual.video_grid_thw.prod(-1).sum()) // 4 > 0  # 2×2 merge
     assert row.num_samples >= 2  # videos plus the text top-up
 
 

@@ -11,13 +11,8 @@ the model's own forward (ViT on every frame, varlen attention within samples, ch
 tokens), backward and AdamW, in bf16 with activation checkpointing, the same setup as the plain-transformers
 anchors (``/work/shared/anchors``: bf16 parameters, fused AdamW, 3 warm-up steps, mean of the timed steps).
 
-FLOPs per step (fwd + bwd = 3 × fwd; activation recomputation is *not* counted, so this is MFU, not HFU):
-
-- LLM linear: ``6 · N_body · T`` (``N_body``: decoder layers + final norm, ``T``: row tokens)
-  + LM head ``6 · V · H · T_label`` (the chunked loss projects only labelled positions);
-- LLM attention: ``3 · 2 · L · (H_q · d_head) · Σ_i s_i²`` (causal, within each packed sample of length ``s_i``);
-- ViT: ``6 · N_vit · P`` (``P`` patches) + ``3 · 4 · L_vit · d_vit · Σ_f n_f²`` (bidirectional, per frame of
-  ``n_f`` patches) + projector ``6 · N_proj · P / 4``.
+FLOPs per step: ``train.metrics.step_flops`` (the formulas are in ``train/metrics.py``; activation recomputation is
+*not* counted, so this is MFU, not HFU).
 
 ``mfu_llm`` counts the LLM terms, ``mfu_llm_vit`` adds the ViT terms. ``mfu_llm_anchor`` uses the anchors'
 convention (LM head on every token) for a like-for-like comparison with ``hf_qwen3_train_mfu.py``; the anchors
@@ -40,15 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, PackedBatch  # noqa: E402
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, PackedBatch, TokenIds, VisualInputs  # noqa: E402
 from data_pipelines.packing import pack_row  # noqa: E402
 from keye.attention import resolve_backend  # noqa: E402
 from keye.compat import enable_activation_checkpointing  # noqa: E402
 from keye.configuration import KeyeVLConfig  # noqa: E402
-from keye.loss import shift_labels  # noqa: E402
 from keye.model_config import load_model_config  # noqa: E402
 from keye.modeling import KeyeVLForConditionalGeneration  # noqa: E402
 from keye.rope import multimodal_position_ids  # noqa: E402
+from train.metrics import flop_totals, param_count, step_flops  # noqa: E402
 
 H100_BF16_TFLOPS = 989.0
 TEXT_ID_RANGE = 150_000  # ordinary vocabulary ids (below the special tokens)
@@ -98,16 +93,21 @@ def video_sample(cfg: KeyeVLConfig, shape: VideoShape, gen: torch.Generator) -> 
         input_ids=input_ids,
         labels=labels,
         position_ids=multimodal_position_ids(input_ids, cfg.image_token_id, cfg.video_token_id, None, grid, merge),
-        pixel_values_videos=torch.randn(n_patches, patch_dim, generator=gen),
-        video_grid_thw=grid,
+        token_ids=token_ids(cfg),
+        visual=VisualInputs(pixel_values_videos=torch.randn(n_patches, patch_dim, generator=gen), video_grid_thw=grid),
     )
 
 
-def text_sample(n: int, gen: torch.Generator) -> EncodedSample:
+def token_ids(cfg: KeyeVLConfig) -> TokenIds:
+    return TokenIds.from_config(cfg, cfg.text_config.pad_token_id)
+
+
+def text_sample(cfg: KeyeVLConfig, n: int, gen: torch.Generator) -> EncodedSample:
     ids = torch.tensor(_text(n, gen))
     labels = ids.clone()
     labels[: n // 4] = IGNORE_INDEX
-    return EncodedSample(input_ids=ids, labels=labels, position_ids=torch.arange(n).expand(3, n).clone())
+    position_ids = torch.arange(n).expand(3, n).clone()
+    return EncodedSample(input_ids=ids, labels=labels, position_ids=position_ids, token_ids=token_ids(cfg))
 
 
 def video_row(cfg: KeyeVLConfig, seq_len: int, shape: VideoShape, seed: int = 0) -> PackedBatch:
@@ -122,38 +122,10 @@ def video_row(cfg: KeyeVLConfig, seq_len: int, shape: VideoShape, seed: int = 0)
         samples.append(sample)
         used += len(sample)
     if seq_len - used >= 8:
-        samples.append(text_sample(seq_len - used, gen))
+        samples.append(text_sample(cfg, seq_len - used, gen))
     if not samples:
         raise ValueError(f"a row of {seq_len} tokens holds no sample (one video sample is longer)")
     return pack_row(samples, seq_len)
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def step_flops(model: KeyeVLForConditionalGeneration, row: PackedBatch) -> dict[str, float]:
-    """Model FLOPs of one training step on ``row`` (formulas in the module docstring)."""
-    tc, vc = model.config.text_config, model.config.vision_config
-    tokens = row.input_ids.numel()
-    n_label = int((shift_labels(row.labels, row.cu_seqlens) != IGNORE_INDEX).sum())  # positions with a target
-    seg = torch.diff(row.cu_seqlens.long())
-    head = tc.vocab_size * tc.hidden_size
-    body = _count(model.model) - model.model.embed_tokens.weight.numel()
-    grid = row.video_grid_thw if row.video_grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
-    frame_patches = grid.prod(-1).long()
-    patches = int(frame_patches.sum())
-    attn = 3 * 2 * tc.num_hidden_layers * tc.num_attention_heads * tc.head_dim * float((seg.double() ** 2).sum())
-    vit_attn = 3 * 4 * vc.num_hidden_layers * vc.hidden_size * float((frame_patches.double() ** 2).sum())
-    return {
-        "llm_linear": 6.0 * body * tokens,
-        "lm_head": 6.0 * head * n_label,
-        "lm_head_all_tokens": 6.0 * head * tokens,
-        "llm_attention": attn,
-        "vit_linear": 6.0 * _count(model.visual) * patches,
-        "vit_attention": vit_attn,
-        "projector": 6.0 * _count(model.mlp_AR) * patches / 4,
-    }
 
 
 def _sig(x: float) -> float:
@@ -234,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         row = video_row(cfg, seq, shape)
         record = {
             "config": Path(args.config).name,
-            "params": _count(model),
-            "params_vit": _count(model.visual),
+            "params": param_count(model),
+            "params_vit": param_count(model.visual),
             "seq_len": seq,
             "samples": row.num_samples,
             "visual_tokens": int((row.input_ids == cfg.video_token_id).sum()),
-            "patches": int(row.video_grid_thw.prod(-1).sum()) if row.video_grid_thw is not None else 0,
+            "patches": int(row.visual.video_grid_thw.prod(-1).sum()) if row.visual.video_grid_thw is not None else 0,
             "label_tokens": int((row.labels != IGNORE_INDEX).sum()),
             "attn": backend,
             "dtype": args.dtype,
@@ -256,16 +228,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({**record, "error": "out of memory"}), flush=True)
             continue
         flops = step_flops(model, row)
-        llm = flops["llm_linear"] + flops["lm_head"] + flops["llm_attention"]
-        vit = flops["vit_linear"] + flops["vit_attention"] + flops["projector"]
-        anchor = flops["llm_linear"] + flops["lm_head_all_tokens"] + flops["llm_attention"]
+        total = flop_totals(flops)
         peak = args.peak_tflops * 1e12
         record.update(
             step_ms=round(dt * 1e3, 2),
             tokens_per_s=round(seq / dt, 1),
-            mfu_llm=_sig(100 * llm / dt / peak),
-            mfu_llm_vit=_sig(100 * (llm + vit) / dt / peak),
-            mfu_llm_anchor=_sig(100 * anchor / dt / peak),
+            mfu_llm=_sig(100 * total["llm"] / dt / peak),
+            mfu_llm_vit=_sig(100 * total["llm_vit"] / dt / peak),
+            mfu_llm_anchor=_sig(100 * total["llm_anchor"] / dt / peak),
             peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
             tflops_per_step={k: _sig(v / 1e12) for k, v in flops.items()},
         )

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from keye.typed_config import save_config
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -119,19 +121,10 @@ def _write_marker(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def save_checkpoint(
-    engine: Any,
-    root: str | Path,
-    step: int,
-    rank_state: dict[str, Any],
-    processor: Any,
-    config_saver: Any,
-    rank: int,
-    keep_last: int,
-    export: bool,
-) -> Path:
-    """Save everything needed to resume at ``step`` (collective: every rank calls it)."""
-    root = Path(root)
+def save_checkpoint(engine: Any, cfg: Any, step: int, rank_state: dict[str, Any], processor: Any, rank: int) -> Path:
+    """Save everything needed to resume at ``step`` in ``cfg.output_dir``/checkpoints and keep the newest
+    ``checkpoint.keep_last`` (collective: every rank calls it)."""
+    root, keep_last = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.keep_last
     tag = tag_for(step)
     ckpt = root / tag
     if rank == 0:
@@ -144,7 +137,7 @@ def save_checkpoint(
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
         (ckpt / "train_state").mkdir(parents=True, exist_ok=True)
         torch.save(rank_state, ckpt / "train_state" / f"rank_{rank:05d}.pt")
-        if export:
+        if cfg.checkpoint.export_hf:
             export_hf(engine, processor, ckpt / "hf", rank)
     except Exception as exc:  # noqa: BLE001 - any failure to write becomes one line, and the partial save goes
         message = describe_failed_save(ckpt, exc)
@@ -152,7 +145,7 @@ def save_checkpoint(
         raise CheckpointWriteError(message) from exc
     dist.barrier()
     if rank == 0:
-        config_saver(ckpt / "config.yaml")
+        save_config(cfg, ckpt / "config.yaml")
         _write_marker(ckpt / COMPLETE)
         for _, old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -176,25 +169,3 @@ def load_checkpoint(engine: Any, ckpt: Path, rank: int, world: int) -> dict[str,
     state = torch.load(ckpt / "train_state" / f"rank_{rank:05d}.pt", weights_only=False)
     set_rng_state(state["rng"])
     return state
-
-
-def resume_latest(engine: Any, cfg: Any, rank: int, world: int) -> tuple[Path, int, int | None, dict[str, Any]]:
-    """Prepare ``cfg.output_dir`` (config.yaml on rank 0) and resume from its last complete checkpoint if allowed.
-
-    Returns ``(checkpoint root, step, resumed-from step or None, this rank's saved state ({} when fresh))``; the
-    caller restores what it saved (data position, RL state, counters). Then seeds this rank's torch stream so
-    anything random afterwards is a function of (seed, rank, step) and a resumed run draws what the original did.
-    """
-    from keye.typed_config import save_config
-
-    out_dir = Path(cfg.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-    if rank == 0:
-        save_config(cfg, out_dir / "config.yaml")
-    step, resumed_from, state = 0, None, {}
-    if cfg.checkpoint.resume and (found := complete_checkpoints(ckpt_root)):
-        resumed_from, ckpt = found[-1]
-        state = load_checkpoint(engine, ckpt, rank, world)
-        step = state["step"]
-    torch.manual_seed(cfg.seed + 1000 * (rank + 1) + step)
-    return ckpt_root, step, resumed_from, state

@@ -168,6 +168,7 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 10
     progress: bool = True
+    peak_tflops: float | None = None  # per-GPU peak for mfu_llm/mfu_llm_vit; None: known GPUs by name (bf16 dense)
 
 
 @dataclass

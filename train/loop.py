@@ -14,34 +14,23 @@ divided by sp.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from keye.sequence_parallel import init_sequence_parallel
-from keye.typed_config import save_config
-from train.checkpoint import export_hf, resume_latest, rng_state, save_checkpoint
 from train.config import TrainConfig
 from train.data import ShardedData, TrainData, configure_processor, label_count
-from train.engine import (
-    deepspeed_config,
-    init_distributed,
-    load_model,
-    register_zero3_external_parameters,
-    resolve_precision,
-    set_activation_checkpointing,
-)
+from train.engine import load_model, set_activation_checkpointing
 from train.freeze import apply_freeze
-from train.metrics import MetricLogger, Throughput, memory_gb
-from train.optim import build_optimizer, param_groups, scheduler_factory
+from train.metrics import Throughput, flop_totals, memory_gb, peak_flops, rate_metrics, step_flops
+from train.optim import param_groups
+from train.run_context import RunContext, StepResult, StopRequested
 from train.siglip import build_tower, pair_data, tower_param_groups
 
 log = logging.getLogger(__name__)
@@ -61,16 +50,14 @@ class Task:
     count: Callable[[Any], torch.Tensor]  # loss items (label tokens, pairs) in a micro-batch
     forward: Callable[[Any, Any, torch.Tensor], torch.Tensor]  # (engine, batch, denom) -> loss
     tokens: Callable[[Any], int]  # tokens processed, for throughput
-    export: Callable[[Any, Path, int], None]  # (engine, out_dir, rank): HF export
     groups: list[dict]  # optimizer parameter groups
     loss_replicas: int = 1  # ranks that report the same loss term (the SP group size): the logged mean divides by it
+    flops: Callable[[Any], dict[str, float]] | None = None  # model FLOPs of a micro-batch (for MFU), if counted
 
 
-def lm_task(
-    cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world: int, device: torch.device, sp: Any
-) -> Task:
+def lm_task(cfg: TrainConfig, run: RunContext, sp: Any) -> Task:
     """Next-token prediction on packed rows (stages 1–3, SFT), sliced across the SP group when sp > 1."""
-    model, processor = load_model(cfg, ds_config, precision)
+    model, processor, device = *load_model(cfg, run.ds_config, run.precision), run.device
     configure_processor(processor, cfg.data)
     apply_freeze(model, cfg.freeze)
     set_activation_checkpointing(model, cfg.activation_checkpointing.vit, cfg.activation_checkpointing.llm)
@@ -94,16 +81,16 @@ def lm_task(
         count=count,
         forward=forward,
         tokens=lambda b: int(b.input_ids.numel()),
-        export=lambda engine, out, r: export_hf(engine, processor, out, r),
         groups=param_groups(model, cfg.optim),
         loss_replicas=sp.sp_size,
+        flops=lambda b: step_flops(model, b),
     )
 
 
-def siglip_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, world: int, device: torch.device) -> Task:
+def siglip_task(cfg: TrainConfig, run: RunContext) -> Task:
     """Stage 0: the ViT against a SigLIP text tower with the sigmoid loss (``train/siglip.py``); a micro-batch's
     loss items are its pairs."""
-    model, processor = load_model(cfg, ds_config, precision)
+    model, processor, device = *load_model(cfg, run.ds_config, run.precision), run.device
     configure_processor(processor, cfg.data)
     model.requires_grad_(False)  # the LLM and projector stay on the host; the tower's parameters are set below
     set_activation_checkpointing(model, cfg.activation_checkpointing.vit, False)
@@ -112,7 +99,7 @@ def siglip_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, wo
     tower.head.requires_grad_(True)
     tower.logit_scale.requires_grad_(True)
     tower.logit_bias.requires_grad_(True)
-    data = pair_data(cfg.data, cfg.siglip, processor, tower.tokenizer, cfg.seed, rank, world)
+    data = pair_data(cfg.data, cfg.siglip, processor, tower.tokenizer, cfg.seed, run.rank, run.world)
 
     def forward(engine: Any, batch: Any, denom: torch.Tensor) -> torch.Tensor:
         return engine(**batch.to(device).model_inputs(), num_items_in_batch=denom)
@@ -124,240 +111,109 @@ def siglip_task(cfg: TrainConfig, ds_config: dict, precision: str, rank: int, wo
         count=lambda b: torch.tensor(int(b.grid_thw.shape[0])),
         forward=forward,
         tokens=lambda b: int(b.pixel_values.shape[0]),
-        export=lambda engine, out, r: export_hf(engine, processor, out, r),
         groups=tower_param_groups(tower, cfg.optim, cfg.siglip.text_lr),
     )
 
 
-class StopRequested(BaseException):
-    """Raised out of a wait for data when a stop signal arrives (``StopFlag.waiting``); a ``BaseException``, like
-    ``KeyboardInterrupt``, so that no ``except Exception`` in the data pipeline can swallow it."""
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the ranks agree on it at the next step so they all checkpoint together.
-
-    While the loop waits for data (``with flag.waiting():``) a signal also interrupts the wait, so a run whose data
-    is slow or never comes still stops promptly; ``signum`` gives the run's exit status (128 + signum).
-    """
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.signum: int | None = None
-        self.in_wait = False
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.raised, self.signum = True, signum
-        if self.in_wait:
-            self.in_wait = False
-            raise StopRequested
-
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        """A block that a stop signal may interrupt (with ``StopRequested``)."""
-        if self.raised:
-            raise StopRequested
-        self.in_wait = True
-        try:
-            yield
-        finally:
-            self.in_wait = False
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by ``cfg``; returns a summary on every rank."""
-    info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes, cfg.distributed.deterministic)
-    rank, world, device = info.rank, info.world, info.device
+    run = RunContext(cfg)
+    world, device = run.world, run.device
     sp = init_sequence_parallel(cfg.distributed.sequence_parallel_size)
-    precision = resolve_precision(cfg, device)
-    ds_config = deepspeed_config(cfg, world, precision)
-    torch.manual_seed(cfg.seed)
-    if cfg.objective == "siglip":
-        task = siglip_task(cfg, ds_config, precision, rank, world, device)
-    else:
-        task = lm_task(cfg, ds_config, precision, rank, world, device, sp)
-
-    import deepspeed
-
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=task.model,
-        optimizer=build_optimizer(task.groups, cfg.optim),
-        lr_scheduler=scheduler_factory(cfg.schedule, cfg.max_steps),
-        config=ds_config,
-        dist_init_required=False,
-    )
-    zero3 = engine.zero_optimization_partition_weights()
-    if zero3:
-        register_zero3_external_parameters(engine.module)
-    ckpt_root, step, resumed_from, state = resume_latest(engine, cfg, rank, world)
-    out_dir = ckpt_root.parent
-    if resumed_from is not None:
-        task.data.load_state_dict(state["data"])
-
-    logger = MetricLogger(cfg, rank, step, resumed_from is not None)
-    stop = StopFlag()
-    stop.install()
+    task = siglip_task(cfg, run) if cfg.objective == "siglip" else lm_task(cfg, run, sp)
+    engine = run.build(task.model, task.groups, task.processor)
+    saved = run.resume()
     counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0}
-    if resumed_from is not None:
-        counters.update(state.get("counters", {}))
-
-    def checkpoint(at: int, data_state: dict | None = None) -> None:
-        data_state = data_state if data_state is not None else task.data.state_dict()
-        rank_state = {"step": at, "rng": rng_state(), "data": data_state, "counters": dict(counters)}
-        path = save_checkpoint(
-            engine,
-            ckpt_root,
-            at,
-            rank_state,
-            task.processor,
-            lambda p: save_config(cfg, p),
-            rank,
-            cfg.checkpoint.keep_last,
-            cfg.checkpoint.export_hf,
-        )
-        logger.event("checkpoint", step=at, path=str(path))
+    if run.resumed_from is not None:
+        task.data.load_state_dict(saved["data"])
+        counters.update(saved.get("counters", {}))
+    run.state = lambda: {"data": task.data.state_dict(), "counters": dict(counters)}
+    run.extra = lambda: {"nonfinite_steps": counters["nonfinite_steps"]}
+    peak = peak_flops(cfg.logging.peak_tflops, device) if task.flops else None
 
     meter = Throughput()
-    interval_loss = torch.zeros((), device=device, dtype=torch.float64)
-    interval_labels = torch.zeros((), device=device, dtype=torch.float64)
-    interval_steps = 0
-    last_saved = step if resumed_from is not None else None
-    stopped_by = "max_steps"
-    first = True
-    try:
-        while step < cfg.max_steps:
-            before_fetch = task.data.state_dict()  # a stop before this step must not lose its micro-batches
-            batches, exhausted = [], False
-            try:
-                with stop.waiting():
-                    for _ in range(cfg.grad_accum_steps):
-                        batches.append(task.data.next())
-            except StopIteration:
-                exhausted = True
-            except StopRequested:
-                batches = []  # the checkpoint below keeps the data position from before this step
-            if first and resumed_from is not None:
-                logger.event(
-                    "resumed",
-                    step=step,
-                    checkpoint_step=resumed_from,
-                    samples_skipped_to_resume=_sum(task.data.resume_skipped(), device),
-                )
-            first = False
-            local = (
-                torch.stack([task.count(b).to(device) for b in batches]).sum()
-                if batches
-                else torch.zeros((), device=device, dtype=torch.long)
-            )
-            agree = torch.stack(
-                [
-                    local.double(),
-                    torch.tensor(float(stop.raised), device=device, dtype=torch.float64),
-                    torch.tensor(float(exhausted), device=device, dtype=torch.float64),
-                ]
-            )
-            dist.all_reduce(agree)
-            if agree[1] > 0 or agree[2] > 0:  # host sync, once per step: every rank must take the same branch
-                stopped_by = "signal" if agree[1] > 0 else "data_exhausted"
-                if last_saved != step:
-                    checkpoint(step, before_fetch)
-                    last_saved = step
-                break
-            global_count = agree[0]
-            denom = (global_count / world).clamp(min=1.0 / world).float()
+    interval = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum and label tokens of the applied steps
 
-            step_loss = torch.zeros((), device=device, dtype=torch.float64)
-            for batch in batches:
-                loss = task.forward(engine, batch, denom)
-                engine.backward(loss, scale_wrt_gas=False)
-                engine.step()
-                step_loss += loss.detach().double()
-                meter.tokens += task.tokens(batch)
-            step += 1
-            meter.steps += 1
-            logger.advance()
-
-            if engine.was_step_applied():
-                counters["nonfinite_in_a_row"] = 0
-                interval_loss += step_loss
-                interval_labels += global_count
-                interval_steps += 1
-            else:
-                counters["nonfinite_steps"] += 1
-                counters["nonfinite_in_a_row"] += 1
-                logger.event("nonfinite_step_skipped", step=step, in_a_row=counters["nonfinite_in_a_row"])
-                if counters["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
-                    raise TrainingAborted(
-                        f"{counters['nonfinite_in_a_row']} optimizer steps in a row (up to step {step}) had a "
-                        f"non-finite loss or gradient norm (max_nonfinite_steps={cfg.max_nonfinite_steps}); "
-                        "check the data, lower optim.lr or use fp32"
-                    )
-
-            if step % cfg.logging.every_steps == 0 or step == cfg.max_steps:
-                sums = torch.stack(
-                    [interval_loss, torch.tensor(float(meter.tokens), device=device, dtype=torch.float64)]
-                )
-                dist.all_reduce(sums)
-                rates = meter.rates()
-                values = {
-                    "loss": float(sums[0] / world / task.loss_replicas / max(interval_steps, 1))
-                    if interval_steps
-                    else float("nan"),
-                    "grad_norm": _float(engine.get_global_grad_norm()),
-                    "lr": float(optimizer.param_groups[0]["lr"]),
-                    **{f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)},
-                    "tokens_per_s": float(sums[1]) / max(rates["step_time_s"] * meter.steps, 1e-9),
-                    "label_tokens": float(interval_labels),
-                    "step_time_s": rates["step_time_s"],
-                    "samples_skipped": sum(task.data.skipped().values()),
-                    "nonfinite_steps": counters["nonfinite_steps"],
-                    "memory_gb": memory_gb(device),
-                }
-                logger.log(step, values)
-                interval_loss.zero_()
-                interval_labels.zero_()
-                interval_steps = 0
-                meter.reset()
-
-            if step % cfg.checkpoint.every_steps == 0:
-                checkpoint(step)
-                last_saved = step
-        if last_saved != step:
-            checkpoint(step)
-        if stopped_by != "signal":  # a stop signal leaves little time: the checkpoint above is what matters
-            task.export(engine, out_dir / "hf", rank)
-            dist.barrier()
-        logger.event(
-            "finished", console=False, step=step, stopped_by=stopped_by, nonfinite_steps=counters["nonfinite_steps"]
+    def log_values() -> dict[str, Any]:
+        counts = torch.tensor([meter.tokens, *meter.flops.values()], device=device, dtype=torch.float64)
+        sums = torch.cat([interval[:1], counts])
+        dist.all_reduce(sums)
+        step_time = meter.step_time()
+        rates = rate_metrics(
+            float(sums[1]), dict(zip(meter.flops, sums[2:].tolist())), step_time * meter.steps, world, peak
         )
-    finally:
-        stop.restore()
-        logger.close()
-    return {
-        "step": step,
-        "stopped_by": stopped_by,
-        "signal": stop.signum if stopped_by == "signal" else None,
-        "output_dir": str(out_dir),
-        "export": str(out_dir / "hf"),
-        "nonfinite_steps": counters["nonfinite_steps"],
-        "rank": rank,
-        "world": world,
-    }
+        values = {
+            "loss": float(sums[0] / world / task.loss_replicas / meter.applied) if meter.applied else float("nan"),
+            "grad_norm": _float(engine.get_global_grad_norm()),
+            "lr": float(run.optimizer.param_groups[0]["lr"]),
+            **{f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(run.optimizer.param_groups)},
+            **rates,
+            "label_tokens": float(interval[1]),
+            "step_time_s": step_time,
+            "samples_skipped": sum(task.data.skipped().values()),
+            "nonfinite_steps": counters["nonfinite_steps"],
+            "memory_gb": memory_gb(device),
+        }
+        interval.zero_()
+        meter.reset()
+        return values
 
+    def train_step(step: int) -> StepResult:
+        before_fetch = task.data.state_dict()  # a stop before this step must not lose its micro-batches
+        batches, exhausted = [], False
+        try:
+            with run.stop.waiting():
+                for _ in range(cfg.grad_accum_steps):
+                    batches.append(task.data.next())
+        except StopIteration:
+            exhausted = True
+        except StopRequested:
+            batches = []  # the checkpoint below keeps the data position from before this step
+        if step == run.resumed_from:  # the first step of a resumed run
+            skipped = torch.tensor(float(task.data.resume_skipped()), device=device)
+            dist.all_reduce(skipped)
+            run.logger.event(
+                "resumed", step=step, checkpoint_step=run.resumed_from, samples_skipped_to_resume=int(skipped)
+            )
+        local = sum((task.count(b).to(device) for b in batches), torch.zeros((), device=device, dtype=torch.long))
+        flags = torch.tensor([float(run.stop.raised), float(exhausted)], device=device, dtype=torch.float64)
+        agree = torch.cat([local.double()[None], flags])
+        dist.all_reduce(agree)
+        if agree[1] > 0 or agree[2] > 0:  # host sync, once per step: every rank must take the same branch
+            run.checkpoint({"data": before_fetch, "counters": dict(counters)})
+            return "signal" if agree[1] > 0 else "data_exhausted"
+        global_count = agree[0]
+        denom = (global_count / world).clamp(min=1.0 / world).float()
 
-def _sum(value: int, device: torch.device) -> int:
-    t = torch.tensor(float(value), device=device)
-    dist.all_reduce(t)
-    return int(t)
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        for batch in batches:
+            loss = task.forward(engine, batch, denom)
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()
+            step_loss += loss.detach().double()
+            meter.tokens += task.tokens(batch)
+            if peak:
+                totals = flop_totals(task.flops(batch))
+                meter.flops = {k: v + totals[k] for k, v in meter.flops.items()}
+        meter.steps += 1
+
+        if engine.was_step_applied():
+            counters["nonfinite_in_a_row"] = 0
+            interval.add_(torch.stack([step_loss, global_count]))
+            meter.applied += 1
+        else:
+            counters["nonfinite_steps"] += 1
+            counters["nonfinite_in_a_row"] += 1
+            run.logger.event("nonfinite_step_skipped", step=step + 1, in_a_row=counters["nonfinite_in_a_row"])
+            if counters["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+                raise TrainingAborted(
+                    f"{counters['nonfinite_in_a_row']} optimizer steps in a row (up to step {step + 1}) had a "
+                    f"non-finite loss or gradient norm (max_nonfinite_steps={cfg.max_nonfinite_steps}); "
+                    "check the data, lower optim.lr or use fp32"
+                )
+        return log_values
+
+    return run.loop(train_step)
 
 
 def _float(x: Any) -> float:

@@ -1,5 +1,12 @@
 """Rank-0 metrics: a tqdm bar, ``metrics.jsonl`` in the output directory, and wandb (offline and silent by default,
-its files under the output directory)."""
+its files under the output directory); throughput and MFU.
+
+Model FLOPs of a training step (fwd + bwd = 3 × fwd; recomputation not counted: MFU, not HFU), ``T`` row tokens:
+LLM linear ``6·N_body·T`` (decoder layers + final norm) + LM head ``6·V·H·T_label`` (the chunked loss projects only
+labelled positions) + attention ``6·L·H_q·d_head·Σ s_i²`` (causal, within each packed sample); ViT ``6·N_vit·P``
+(``P`` patches) + ``12·L_vit·d_vit·Σ n_f²`` (per frame of ``n_f`` patches) + projector ``6·N_proj·P/4``.
+``mfu_llm`` counts the LLM terms, ``mfu_llm_vit`` adds the ViT's (percent of every GPU's peak FLOP/s).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,9 @@ from typing import Any
 
 import torch
 
+from data_pipelines.encoded import IGNORE_INDEX
 from keye.jsonl import open_append
+from keye.loss import shift_labels
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -126,16 +135,70 @@ def _run_id(out: Path) -> str:
 
 
 class Throughput:
-    """Tokens and wall time since the last logging step."""
+    """Steps (and of those, applied ones), tokens, model FLOPs (:func:`flop_totals`) and wall time since the last
+    logging step."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.t0 = time.perf_counter()
-        self.tokens = 0
-        self.steps = 0
+        self.t0, self.steps, self.applied, self.tokens = time.perf_counter(), 0, 0, 0
+        self.flops = {"llm": 0.0, "llm_vit": 0.0}
 
-    def rates(self) -> dict[str, float]:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        return {"tokens_per_s": self.tokens / dt, "step_time_s": dt / max(self.steps, 1)}
+    def step_time(self) -> float:
+        return max(time.perf_counter() - self.t0, 1e-9) / max(self.steps, 1)
+
+
+# bf16 dense peak FLOP/s by ``torch.cuda.get_device_name()`` substring, first match (H100 NVL: unknown, no MFU)
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", None), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12))
+
+
+def peak_flops(tflops: float | None, device: torch.device) -> float | None:
+    """Per-GPU peak FLOP/s: ``logging.peak_tflops`` when set, else the table by GPU name; None on CPU or unknown."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return tflops * 1e12 if tflops else next((peak for key, peak in PEAK_FLOPS if name and key in name), None)
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())  # ZeRO-3: the full size
+
+
+def step_flops(model: torch.nn.Module, row: Any) -> dict[str, float]:
+    """Model FLOPs of one training step on the packed ``row`` (module docstring); a sequence-parallel slice
+    (``keye.sequence_parallel.ShardedBatch``) counts its share of the row, so the ranks' sum is the row's."""
+    tc, vc = model.config.text_config, model.config.vision_config
+    sp = getattr(row, "sp_size", 1)
+    targets = row.shift_labels if sp > 1 else shift_labels(row.labels, row.cu_seqlens)
+    seg = torch.diff(row.cu_seqlens.long()).double()
+    grids = [g for g in (row.visual.image_grid_thw, row.visual.video_grid_thw) if g is not None]
+    frames = torch.cat(grids).prod(-1).double() if grids else torch.zeros(0, dtype=torch.float64)
+    head = tc.vocab_size * tc.hidden_size
+    attention = 6.0 * tc.num_hidden_layers * tc.num_attention_heads * tc.head_dim
+    return {
+        "llm_linear": 6.0 * (param_count(model.model) - param_count(model.model.embed_tokens)) * row.input_ids.numel(),
+        "lm_head": 6.0 * head * int((targets != IGNORE_INDEX).sum()),
+        "lm_head_all_tokens": 6.0 * head * row.input_ids.numel(),
+        "llm_attention": attention * float(seg.square().sum()) / sp,
+        "vit_linear": 6.0 * param_count(model.visual) * float(frames.sum()) / sp,
+        "vit_attention": 12.0 * vc.num_hidden_layers * vc.hidden_size * float(frames.square().sum()) / sp,
+        "projector": 6.0 * param_count(model.mlp_AR) * float(frames.sum()) / 4 / sp,
+    }
+
+
+def flop_totals(f: dict[str, float]) -> dict[str, float]:
+    """What the MFU figures count: ``llm`` (linear, LM head on labelled positions, attention), ``llm_vit`` (plus
+    ViT and projector) and ``llm_anchor`` (LM head on every token: the plain-transformers anchors' convention)."""
+    llm = f["llm_linear"] + f["lm_head"] + f["llm_attention"]
+    vit = f["vit_linear"] + f["vit_attention"] + f["projector"]
+    anchor = f["llm_linear"] + f["lm_head_all_tokens"] + f["llm_attention"]
+    return {"llm": llm, "llm_vit": llm + vit, "llm_anchor": anchor}
+
+
+def rate_metrics(tokens: float, flops: dict[str, float], seconds: float, gpus: int, peak: float | None) -> dict:
+    """``tokens_per_s`` and, when the per-GPU ``peak`` is known, ``mfu_llm`` / ``mfu_llm_vit`` (percent) of
+    ``tokens`` and ``flops`` (:func:`flop_totals`, summed over ``gpus``) done in ``seconds``."""
+    seconds = max(seconds, 1e-9)
+    out = {"tokens_per_s": tokens / seconds}
+    if peak:
+        out.update({f"mfu_{k}": 100 * flops[k] / (seconds * gpus * peak) for k in ("llm", "llm_vit")})
+    return out

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from keye.typed_config import ConfigError, config_layers, load_config, save_config
-from train.config import RatePlan, RunConfig, apply_rate_rule, check_run, config_error
+from keye.typed_config import ConfigError, config_layers, load_config
+from train.config import RatePlan, RunConfig, _rooted, apply_rate_rule, check_run, config_error
 from train.rl.config import RLConfig
 from train.rl.step import RLStep, RolloutBatch
 
@@ -82,10 +82,6 @@ def _check(cfg: RLRunConfig, source: str) -> None:
         raise config_error(source, "rl.prompts", "a non-empty list of prompt JSONL files", cfg.rl.prompts)
 
 
-def _rooted(path: str | None, root: str | None) -> str | None:
-    return path if path is None or not root or Path(path).is_absolute() else str(Path(root) / path)
-
-
 def load_rl_run_config(path: str | Path, overrides: list[str] | None = None) -> RLRunConfig:
     """The RL run config from YAML + ``key=value`` overrides; relative paths are read against ``paths.root``."""
     return load_rl_run(path, overrides)[0]
@@ -102,11 +98,11 @@ def load_rl_run(path: str | Path, overrides: list[str] | None = None) -> tuple[R
         raise ConfigError(f"{source}: {exc}") from None
     _check(cfg, source)
     plan = apply_rate_rule(cfg, config_layers(path, overrides))
-    root = cfg.paths.root
-    cfg.model.path = _rooted(cfg.model.path, root)
-    cfg.output_dir = _rooted(cfg.output_dir, root)
-    cfg.rl.prompts = [_rooted(p, root) for p in cfg.rl.prompts]
-    cfg.rl.rollout.media_root = _rooted(cfg.rl.rollout.media_root, root)
+    if root := cfg.paths.root:
+        cfg.model.path = _rooted(cfg.model.path, root)
+        cfg.output_dir = _rooted(cfg.output_dir, root)
+        cfg.rl.prompts = [_rooted(p, root) for p in cfg.rl.prompts]
+        cfg.rl.rollout.media_root = _rooted(cfg.rl.rollout.media_root, root)
     return cfg, plan
 
 
@@ -227,15 +223,15 @@ class DeepSpeedUpdate:
         self.engine.set_gradient_accumulation_boundary(self.row == self.plan[self.minibatch])
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> float | None:
+    def step(self) -> Any:
+        """One optimizer step; its gradient norm (a tensor or float: ``RLStep.update`` reads it with its stats)."""
         if self.row != self.plan[self.minibatch]:
             raise RuntimeError(
                 f"RL update: minibatch {self.minibatch} ran {self.row} micro-rows, expected {self.plan[self.minibatch]}"
             )
         self.engine.step()
         self.minibatch, self.row = self.minibatch + 1, 0
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        return self.engine.get_global_grad_norm()
 
 
 class AlwaysRunVision(torch.nn.Module):
@@ -300,30 +296,19 @@ def rollout_vllm_engine(cfg: RLRunConfig, processor: Any, precision: str, rank: 
 # ------------------------------------------------------------------------------------------------------ the run
 def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
     """Run (or resume) the RL run described by ``cfg``; returns a summary on every rank."""
-    import deepspeed
-
     from keye.inference import ChatEngine
-    from train.checkpoint import export_hf, resume_latest, rng_state, save_checkpoint
-    from train.engine import (
-        deepspeed_config,
-        init_distributed,
-        load_model,
-        register_zero3_external_parameters,
-        resolve_precision,
-        set_activation_checkpointing,
-        zero_stage,
-    )
+    from train.engine import load_model, set_activation_checkpointing, zero_stage
     from train.freeze import apply_freeze
-    from train.loop import StopFlag
-    from train.metrics import MetricLogger, memory_gb
-    from train.optim import build_optimizer, param_groups, scheduler_factory
+    from train.metrics import memory_gb
+    from train.optim import param_groups
     from train.rl.rollout import read_prompt_records
+    from train.run_context import RunContext, StepResult
 
     missing = [p for p in cfg.rl.prompts if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"rl.prompts: prompt file {missing[0]!r} not found (of {cfg.rl.prompts})")
-    info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes, cfg.distributed.deterministic)
-    rank, world, device = info.rank, info.world, info.device
+    run = RunContext(cfg)
+    rank, world, device, precision = run.rank, run.world, run.device, run.precision
     if cfg.rl.prompts_per_step % world:
         raise ValueError(
             f"rl.prompts_per_step={cfg.rl.prompts_per_step} must be divisible by the world size {world} "
@@ -332,126 +317,65 @@ def run_rl(cfg: RLRunConfig) -> dict[str, Any]:
     records = read_prompt_records(cfg.rl.prompts)
     if not records:
         raise ValueError(f"rl.prompts {cfg.rl.prompts}: no prompt records")
-    precision = resolve_precision(cfg, device)
-    ds_config = deepspeed_config(cfg, world, precision)
-    zero3 = zero_stage(ds_config) == 3
-    torch.manual_seed(cfg.seed)
-    model, processor = load_model(cfg, ds_config, precision)
+    zero3 = zero_stage(run.ds_config) == 3
+    model, processor = load_model(cfg, run.ds_config, precision)
     model.config.use_cache = True  # generation uses the KV cache; training forwards pass use_cache=False
     apply_freeze(model, cfg.freeze)
     set_activation_checkpointing(model, cfg.activation_checkpointing.vit, cfg.activation_checkpointing.llm)
     replica = rollout_replica(model, precision) if zero3 else None
 
     updates = cfg.rl.update.minibatches * cfg.rl.update.epochs  # optimizer steps per RL step
-    schedule = dataclasses.replace(cfg.schedule, warmup_steps=cfg.schedule.warmup_steps * updates)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=build_optimizer(param_groups(model, cfg.optim), cfg.optim),
-        lr_scheduler=scheduler_factory(schedule, cfg.max_steps * updates),
-        config=ds_config,
-        dist_init_required=False,
-    )
+    engine = run.build(model, param_groups(model, cfg.optim), processor, updates_per_step=updates)
     if zero3:
-        register_zero3_external_parameters(engine.module)
         replica.to(device)
     trained = AlwaysRunVision(engine)
-    policy = replica if zero3 else trained  # rollouts + old log-probs; the update always runs `trained`
+    policy = replica if zero3 else trained  # rollouts + old log-probs; the update always trains `trained`
     if cfg.rl.rollout.engine == "vllm":
         chat = rollout_vllm_engine(cfg, processor, precision, rank)
     else:
         chat = ChatEngine(replica if zero3 else engine.module, processor, str(device))
     # per-rank sampling seeds: the ranks sample different prompts and must not share their noise
     rl_step = RLStep(policy, chat, dataclasses.replace(cfg.rl, seed=cfg.rl.seed + 100_003 * rank))
+    run.closing += [rl_step.close, getattr(chat, "close", lambda: None)]
 
-    ckpt_root, step, resumed_from, state = resume_latest(engine, cfg, rank, world)
-    out_dir = ckpt_root.parent
-    if resumed_from is not None:
-        rl_step.load_state_dict(state["rl"])
-
-    logger = MetricLogger(cfg, rank, step, resumed_from is not None)
-    if resumed_from is not None:
-        logger.event(
+    saved = run.resume()
+    if run.resumed_from is not None:
+        rl_step.load_state_dict(saved["rl"])
+        run.logger.event(
             "resumed",
-            step=step,
-            checkpoint_step=resumed_from,
+            step=run.step,
+            checkpoint_step=run.resumed_from,
             rl_steps=rl_step.steps,
             sampler_calls=rl_step.sampler.calls,
             hint_levels=len(rl_step.hints.levels),
         )
-    stop = StopFlag()
-    stop.install()
+    run.state = lambda: {"rl": rl_step.state_dict()}
 
-    def checkpoint(at: int) -> None:
-        rank_state = {"step": at, "rng": rng_state(), "rl": rl_step.state_dict()}
-        path = save_checkpoint(
-            engine,
-            ckpt_root,
-            at,
-            rank_state,
-            processor,
-            lambda p: save_config(cfg, p),
-            rank,
-            cfg.checkpoint.keep_last,
-            cfg.checkpoint.export_hf,
+    def rl_step_fn(step: int) -> StepResult:
+        flag = torch.tensor(float(run.stop.raised), device=device)
+        dist.all_reduce(flag)
+        if flag > 0:  # every rank takes the same branch, so they checkpoint together
+            return "signal"
+        t0 = time.perf_counter()
+        indices = step_prompt_indices(len(records), step, cfg.rl.prompts_per_step, cfg.rl.seed, rank, world)
+        prompts = [records[i] for i in indices]
+        if zero3:
+            sync_replica(engine.module, replica)
+        batch = rl_step.rollout(prompts)
+        pad_rows = equalise_work(batch, device)
+        ds_update = DeepSpeedUpdate(engine, batch, cfg.rl.update.epochs)
+        stats = {**batch.stats, **rl_step.update(batch, ds_update.step, ds_update.backward, model=trained)}
+        share_hint_levels(rl_step, prompts, world)
+        stats.update(
+            {
+                "update/pad_rows": float(pad_rows),
+                "lr": float(run.optimizer.param_groups[0]["lr"]),
+                "step_time_s": time.perf_counter() - t0,
+                "memory_gb": memory_gb(device),
+                "sampler_calls": float(rl_step.sampler.calls),
+                "loss": stats.get("update/pg_loss", float("nan")),  # the progress bar shows "loss"
+            }
         )
-        logger.event("checkpoint", step=at, path=str(path))
+        return lambda: reduce_stats(stats, world)
 
-    last_saved = step if resumed_from is not None else None
-    stopped_by = "max_steps"
-    try:
-        while step < cfg.max_steps:
-            flag = torch.tensor(float(stop.raised), device=device)
-            dist.all_reduce(flag)
-            if flag > 0:  # every rank takes the same branch, so they checkpoint together
-                stopped_by = "signal"
-                break
-            t0 = time.perf_counter()
-            indices = step_prompt_indices(len(records), step, cfg.rl.prompts_per_step, cfg.rl.seed, rank, world)
-            prompts = [records[i] for i in indices]
-            if zero3:
-                sync_replica(engine.module, replica)
-            batch = rl_step.rollout(prompts)
-            rl_step.model = trained
-            pad_rows = equalise_work(batch, device)
-            ds_update = DeepSpeedUpdate(engine, batch, cfg.rl.update.epochs)
-            stats = {**batch.stats, **rl_step.update(batch, ds_update.step, ds_update.backward)}
-            rl_step.model = policy
-            share_hint_levels(rl_step, prompts, world)
-            step += 1
-            logger.advance()
-            stats.update(
-                {
-                    "update/pad_rows": float(pad_rows),
-                    "lr": float(optimizer.param_groups[0]["lr"]),
-                    "step_time_s": time.perf_counter() - t0,
-                    "memory_gb": memory_gb(device),
-                    "sampler_calls": float(rl_step.sampler.calls),
-                    "loss": stats.get("update/pg_loss", float("nan")),  # the progress bar shows "loss"
-                }
-            )
-            if step % cfg.logging.every_steps == 0 or step == cfg.max_steps:
-                logger.log(step, reduce_stats(stats, world))
-            if step % cfg.checkpoint.every_steps == 0:
-                checkpoint(step)
-                last_saved = step
-        if last_saved != step:
-            checkpoint(step)
-        if stopped_by != "signal":
-            export_hf(engine, processor, out_dir / "hf", rank)
-            dist.barrier()
-        logger.event("finished", console=False, step=step, stopped_by=stopped_by)
-    finally:
-        stop.restore()
-        logger.close()
-        rl_step.close()
-        if callable(getattr(chat, "close", None)):
-            chat.close()
-    return {
-        "step": step,
-        "stopped_by": stopped_by,
-        "signal": stop.signum if stopped_by == "signal" else None,
-        "output_dir": str(out_dir),
-        "export": str(out_dir / "hf"),
-        "rank": rank,
-        "world": world,
-    }
+    return run.loop(rl_step_fn)

@@ -190,9 +190,9 @@ class RLStep:
         return {"hint/groups_probed": float(probed), "hint/groups_regenerated": float(len(regen))}
 
     # --- packing and log-probs -------------------------------------------------------------------------------
-    def _partition(self, n: int) -> list[list[list[int]]]:
+    def _partition(self, rollouts: Sequence[Rollout]) -> list[list[list[int]]]:
         """Rollout indices per minibatch, each split into packed micro-rows of at most ``micro_batch_tokens``."""
-        u = self.cfg.update
+        u, n = self.cfg.update, len(rollouts)
         if u.shuffle:
             gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.steps)
             order = torch.randperm(n, generator=gen).tolist()
@@ -204,7 +204,7 @@ class RLStep:
             rows: list[list[int]] = []
             tokens = 0
             for idx in chunk.tolist():
-                length = len(self._rollouts[idx].sample)
+                length = len(rollouts[idx].sample)
                 if rows and tokens + length <= u.micro_batch_tokens:
                     rows[-1].append(idx)
                     tokens += length
@@ -235,13 +235,13 @@ class RLStep:
         return torch.stack(rows), (torch.stack(ents) if ent is not None else None)
 
     @torch.no_grad()
-    def _batch_logprobs(self, model: nn.Module, parts, width: int, with_entropy: bool):
-        n = len(self._rollouts)
+    def _batch_logprobs(self, model: nn.Module, rollouts: Sequence[Rollout], parts, width: int, with_entropy: bool):
+        n = len(rollouts)
         logp = torch.zeros(n, width, device=self.device)
         ent = torch.zeros(n, width, device=self.device) if with_entropy else None
         for minibatch in parts:
             for row in minibatch:
-                lp, e = self._row_logprobs(model, [self._rollouts[i] for i in row], width, with_entropy)
+                lp, e = self._row_logprobs(model, [rollouts[i] for i in row], width, with_entropy)
                 logp[row] = lp
                 if ent is not None:
                     ent[row] = e
@@ -298,7 +298,6 @@ class RLStep:
     def prepare(self, rollouts: list[Rollout]) -> RolloutBatch:
         """Advantages, response masks and old (and reference) log-probs for scored rollouts, grouped by ``group``."""
         cfg = self.cfg
-        self._rollouts = rollouts
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
         group_ids = torch.tensor([r.group for r in rollouts])
         adv = group_advantages(rewards, group_ids=group_ids)
@@ -308,11 +307,11 @@ class RLStep:
             m = r.response_mask
             mask[i, : m.numel()] = m
         t_lp = time.perf_counter()
-        parts = self._partition(len(rollouts))
-        old_logp, entropy = self._batch_logprobs(self.model, parts, width, with_entropy=True)
+        parts = self._partition(rollouts)
+        old_logp, entropy = self._batch_logprobs(self.model, rollouts, parts, width, with_entropy=True)
         ref_logp = None
         if self.reference is not None and cfg.loss.kl_coef > 0:
-            ref_logp = self._batch_logprobs(self.reference, parts, width, with_entropy=False)[0]
+            ref_logp = self._batch_logprobs(self.reference, rollouts, parts, width, with_entropy=False)[0]
         mask_d = mask.to(self.device)
         n_policy = int(mask.sum())
         stats = {
@@ -362,66 +361,68 @@ class RLStep:
         return stats
 
     def update(
-        self, batch: RolloutBatch, optimizer_step_fn: StepFn, backward_fn: BackwardFn | None = None
+        self,
+        batch: RolloutBatch,
+        optimizer_step_fn: StepFn,
+        backward_fn: BackwardFn | None = None,
+        model: nn.Module | None = None,
     ) -> dict[str, float]:
-        """``minibatches`` × ``epochs`` policy updates on ``batch``; mean loss statistics over the minibatches."""
+        """``minibatches`` × ``epochs`` policy updates of ``model`` (default: the policy; a run whose rollouts use a
+        replica passes the trained module) on ``batch``; mean loss statistics over the minibatches.  Statistics
+        stay on the device and are read once, at the end."""
+        model = self.model if model is None else model
         backward = backward_fn or (lambda loss: loss.backward())
-        policy = _unwrap(self.model)
-        policy.train()
-        self._rollouts = batch.rollouts
+        _unwrap(model).train()
         width = batch.mask.shape[1]
         adv = batch.advantages.to(self.device)
+        has_tokens = batch.mask.any(dim=1).tolist()  # host-side: sequence counts per minibatch and row
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        extremes = {"ratio_min": math.inf, "ratio_max": -math.inf}
-        first_dev = 0.0
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: dict[str, Tensor] = {}
+        ratio_min, ratio_max, first_dev = zero + math.inf, zero - math.inf, zero
         tokens = 0
         n_updates = 0
-        grad_norms: list[float] = []
+        grad_norms: list[Tensor] = []
         for epoch in range(self.cfg.update.epochs):
             for mb_index, minibatch in enumerate(batch.minibatches):
-                idx_all = [i for row in minibatch for i in row]
-                n_seq = max(1, int(batch.mask[idx_all].any(dim=1).sum()))
-                mb: dict[str, float] = {}
+                n_seq = max(1, sum(has_tokens[i] for row in minibatch for i in row))
+                mb: dict[str, Tensor] = {}
                 for row in minibatch:
-                    logp, _ = self._row_logprobs(self.model, [batch.rollouts[i] for i in row], width)
-                    mask = batch.mask[row]
+                    logp, _ = self._row_logprobs(model, [batch.rollouts[i] for i in row], width)
                     loss, st = policy_loss(
                         logp,
                         batch.old_logp[row],
                         adv[row],
-                        mask,
+                        batch.mask[row],
                         self.cfg.loss,
                         ref_logp=batch.ref_logp[row] if batch.ref_logp is not None else None,
                         num_sequences=n_seq,
                     )
                     backward(loss)
                     tokens += sum(len(batch.rollouts[i].sample) for i in row)
-                    share = float(mask.any(dim=1).sum()) / n_seq  # weight of this row in per-sequence means
-                    for key, value in st.items():
-                        v = float(value)
-                        if key in extremes:
-                            extremes[key] = min(extremes[key], v) if key == "ratio_min" else max(extremes[key], v)
-                        elif key in ("ratio_mean", "seq_len_mean"):
-                            mb[key] = mb.get(key, 0.0) + v * share
-                        else:  # pg_loss, clip_frac, kl are already sums over sequences / n_seq
-                            mb[key] = mb.get(key, 0.0) + v
+                    share = sum(has_tokens[i] for i in row) / n_seq  # weight of this row in per-sequence means
+                    st = {k: v.double() for k, v in st.items()}
+                    lo, hi = st.pop("ratio_min"), st.pop("ratio_max")
+                    ratio_min, ratio_max = torch.minimum(ratio_min, lo), torch.maximum(ratio_max, hi)
                     if epoch == 0 and mb_index == 0:
-                        first_dev = max(first_dev, abs(float(st["ratio_max"]) - 1), abs(float(st["ratio_min"]) - 1))
+                        first_dev = torch.stack([first_dev, (hi - 1).abs(), (lo - 1).abs()]).max()
+                    for key, v in st.items():  # pg_loss, clip_frac, kl are already sums over sequences / n_seq
+                        mb[key] = mb.get(key, zero) + (v * share if key in ("ratio_mean", "seq_len_mean") else v)
                 norm = optimizer_step_fn()
                 if norm is not None:
-                    grad_norms.append(float(norm))
+                    grad_norms.append(torch.as_tensor(norm, dtype=torch.float64, device=self.device))
                 for key, value in mb.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    sums[key] = sums.get(key, zero) + value
                 n_updates += 1
+        host = iter(torch.stack([*sums.values(), ratio_min, ratio_max, first_dev, *grad_norms]).tolist())  # one sync
         seconds = time.perf_counter() - t0
         self.steps += 1
-        stats = {f"update/{k}": v / n_updates for k, v in sums.items()}
-        stats.update({f"update/{k}": v for k, v in extremes.items()})
-        stats["update/first_minibatch_ratio_dev"] = first_dev
+        stats = {f"update/{k}": next(host) / n_updates for k in sums}
+        stats.update({"update/ratio_min": next(host), "update/ratio_max": next(host)})
+        stats["update/first_minibatch_ratio_dev"] = next(host)
         stats["update/minibatches"] = float(n_updates)
-        if grad_norms:
-            stats["update/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if norms := list(host):
+            stats["update/grad_norm"] = sum(norms) / len(norms)
         stats["time/update_s"] = seconds
         stats["tokens/update_per_s"] = tokens / max(seconds, 1e-9)
         return stats
