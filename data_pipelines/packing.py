@@ -6,11 +6,14 @@ over a small look-ahead buffer). The tail of a row is padding, its own segment w
 
 Visual tensors must stay consistent with the placeholder tokens: each image (and each video frame) owns one grid
 row ``[1, h, w]`` with ``h*w`` patches and ``h*w/merge²`` pad tokens. Truncation therefore cuts only *before* a
-visual block, dropping its patches and grid rows with it.
+visual block, dropping its patches and grid rows with it. Placeholders are found by the ids each sample carries
+(``EncodedSample.token_ids``, the processor's); the packer is built with the checkpoint's ids and refuses samples
+encoded with others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -19,13 +22,10 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, PackedBatch
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, PackedBatch, TokenIds, VisualInputs
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN_ID = 151655
-VIDEO_TOKEN_ID = 151656
-PAD_TOKEN_ID = 151643  # <|endoftext|>
 SEQ_LENS = (8192, 32768, 131072)
 
 
@@ -47,12 +47,7 @@ def _units(grid: torch.Tensor | None, merge_size: int) -> tuple[torch.Tensor, to
     return rows, patches, patches // (merge_size * merge_size)
 
 
-def check_sample(
-    sample: EncodedSample,
-    image_token_id: int = IMAGE_TOKEN_ID,
-    video_token_id: int = VIDEO_TOKEN_ID,
-    merge_size: int = 2,
-) -> None:
+def check_sample(sample: EncodedSample, merge_size: int = 2) -> None:
     """Raise ``ValueError`` if placeholder tokens, grids and patch tensors of ``sample`` disagree."""
     n = len(sample)
     if sample.labels.shape != (n,) or sample.position_ids.shape != (3, n):
@@ -60,10 +55,8 @@ def check_sample(
             f"sample {sample.sample_id!r}: expected labels [{n}] and position_ids [3, {n}], found "
             f"{list(sample.labels.shape)} and {list(sample.position_ids.shape)}"
         )
-    for name, token_id, grid, pixels in (
-        ("image", image_token_id, sample.image_grid_thw, sample.pixel_values),
-        ("video", video_token_id, sample.video_grid_thw, sample.pixel_values_videos),
-    ):
+    ids = sample.token_ids
+    for (name, pixels, grid), token_id in zip(sample.visual.kinds(), (ids.image, ids.video)):
         patches = 0 if grid is None or grid.numel() == 0 else int(grid.long().prod(-1).sum())
         tokens = patches // (merge_size * merge_size)
         n_tokens = int((sample.input_ids == token_id).sum())
@@ -89,25 +82,20 @@ def _visual_cut(ids: torch.Tensor, cut: int, token_id: int, tokens: torch.Tensor
     return cut, kept
 
 
-def truncate_sample(
-    sample: EncodedSample,
-    max_len: int,
-    image_token_id: int = IMAGE_TOKEN_ID,
-    video_token_id: int = VIDEO_TOKEN_ID,
-    merge_size: int = 2,
-) -> EncodedSample | None:
+def truncate_sample(sample: EncodedSample, max_len: int, merge_size: int = 2) -> EncodedSample | None:
     """The first ``<= max_len`` tokens of ``sample`` without splitting an image's or frame's tokens.
 
     Returns ``None`` when nothing trainable (no label token) survives the cut.
     """
     if len(sample) <= max_len:
         return sample
-    img_rows, img_patches, img_tokens = _units(sample.image_grid_thw, merge_size)
-    vid_rows, vid_patches, vid_tokens = _units(sample.video_grid_thw, merge_size)
+    visual, ids = sample.visual, sample.token_ids
+    img_rows, img_patches, img_tokens = _units(visual.image_grid_thw, merge_size)
+    vid_rows, vid_patches, vid_tokens = _units(visual.video_grid_thw, merge_size)
     cut, n_img, n_vid = max_len, 0, 0
     while True:  # moving the cut before one modality's block can only move it earlier; stops within a few steps
-        new_cut, n_img = _visual_cut(sample.input_ids, cut, image_token_id, img_tokens)
-        new_cut, n_vid = _visual_cut(sample.input_ids, new_cut, video_token_id, vid_tokens)
+        new_cut, n_img = _visual_cut(sample.input_ids, cut, ids.image, img_tokens)
+        new_cut, n_vid = _visual_cut(sample.input_ids, new_cut, ids.video, vid_tokens)
         if new_cut == cut:
             break
         cut = new_cut
@@ -119,37 +107,28 @@ def truncate_sample(
             return pixels, grid
         return (pixels[: int(patches[:n].sum())] if pixels is not None else None), rows[:n].to(grid.dtype)
 
-    pixel_values, image_grid = keep(sample.pixel_values, sample.image_grid_thw, img_rows, img_patches, n_img)
-    pixel_videos, video_grid = keep(sample.pixel_values_videos, sample.video_grid_thw, vid_rows, vid_patches, n_vid)
-    return EncodedSample(
+    pixel_values, image_grid = keep(visual.pixel_values, visual.image_grid_thw, img_rows, img_patches, n_img)
+    pixel_videos, video_grid = keep(visual.pixel_values_videos, visual.video_grid_thw, vid_rows, vid_patches, n_vid)
+    return dataclasses.replace(
+        sample,
         input_ids=sample.input_ids[:cut],
         labels=sample.labels[:cut],
         position_ids=sample.position_ids[:, :cut],
-        pixel_values=pixel_values,
-        image_grid_thw=image_grid,
-        pixel_values_videos=pixel_videos,
-        video_grid_thw=video_grid,
-        source=sample.source,
-        sample_id=sample.sample_id,
+        visual=VisualInputs(pixel_values, image_grid, pixel_videos, video_grid),
         meta={**sample.meta, "truncated_from": len(sample)},
     )
 
 
-def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    present = [t for t in tensors if t is not None and t.shape[0] > 0]
-    return torch.cat(present, 0) if present else None
-
-
-def pack_row(
-    samples: list[EncodedSample],
-    max_seq_len: int,
-    pad_token_id: int = PAD_TOKEN_ID,
-    pad_to_multiple_of: int | None = None,
-) -> PackedBatch:
+def pack_row(samples: list[EncodedSample], max_seq_len: int, pad_to_multiple_of: int | None = None) -> PackedBatch:
     """Concatenate ``samples`` into one row ``[1, L]`` padded to ``max_seq_len`` (or to a multiple of
-    ``pad_to_multiple_of``, capped at ``max_seq_len``); the padding is its own ``cu_seqlens`` segment."""
+    ``pad_to_multiple_of``, capped at ``max_seq_len``) with their padding token; the padding is its own
+    ``cu_seqlens`` segment."""
     if not samples:
         raise ValueError("pack_row needs at least one sample")
+    token_ids = samples[0].token_ids
+    if any(s.token_ids != token_ids for s in samples):
+        found = {s.sample_id: s.token_ids for s in samples if s.token_ids != token_ids}
+        raise ValueError(f"samples of one row were encoded with different token ids: {token_ids} and {found}")
     lengths = [len(s) for s in samples]
     total = sum(lengths)
     if total > max_seq_len:
@@ -164,7 +143,7 @@ def pack_row(
     positions = [s.position_ids.to(pos_dtype) for s in samples]
     if pad:
         lengths.append(pad)
-        ids.append(torch.full((pad,), pad_token_id, dtype=torch.long))
+        ids.append(torch.full((pad,), token_ids.pad, dtype=torch.long))
         labels.append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
         positions.append(torch.arange(pad, dtype=pos_dtype).expand(3, pad))
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
@@ -174,10 +153,8 @@ def pack_row(
         labels=torch.cat(labels)[None],
         position_ids=torch.cat(positions, 1)[:, None, :],
         cu_seqlens=cu,
-        pixel_values=_cat([s.pixel_values for s in samples]),
-        image_grid_thw=_cat([s.image_grid_thw for s in samples]),
-        pixel_values_videos=_cat([s.pixel_values_videos for s in samples]),
-        video_grid_thw=_cat([s.video_grid_thw for s in samples]),
+        token_ids=token_ids,
+        visual=VisualInputs.concat(s.visual for s in samples),
         num_samples=len(samples),
         sample_ids=[s.sample_id for s in samples],
     )
@@ -190,25 +167,27 @@ class Packer(IterableDataset):
     packer's state stores the upstream state taken just before the oldest sample still waiting in the look-ahead
     buffer, so a restore replays only the few samples since then (otherwise it replays from the start). Samples
     longer than a row are truncated (``truncate=True``) or skipped; both are counted in ``stats``.
+
+    ``token_ids`` are the checkpoint's (``KeyeVLProcessor.token_ids``): a sample encoded with other ids is an error,
+    not a skip (its placeholders would not be found).
     """
 
     def __init__(
         self,
         samples: Iterable[EncodedSample],
         max_seq_len: int = 8192,
-        pad_token_id: int = PAD_TOKEN_ID,
+        *,
+        token_ids: TokenIds,
         truncate: bool = False,
         lookahead: int = 16,
         pad_to_multiple_of: int | None = None,
-        image_token_id: int = IMAGE_TOKEN_ID,
-        video_token_id: int = VIDEO_TOKEN_ID,
         merge_size: int = 2,
     ) -> None:
         if max_seq_len < 1 or lookahead < 1:
             raise ValueError(f"max_seq_len and lookahead must be >= 1, got {max_seq_len} and {lookahead}")
-        self.samples, self.max_seq_len, self.pad_token_id = samples, max_seq_len, pad_token_id
+        self.samples, self.max_seq_len, self.token_ids = samples, max_seq_len, token_ids
         self.truncate, self.lookahead, self.pad_to_multiple_of = truncate, lookahead, pad_to_multiple_of
-        self.token_ids = (image_token_id, video_token_id, merge_size)
+        self.merge_size = merge_size
         self.stats: Counter = Counter()
         self._stateful = hasattr(samples, "state_dict") and hasattr(samples, "load_state_dict")
         self._buffer: list[tuple[int, EncodedSample, Any]] = []  # (pull index, sample, upstream state before pull)
@@ -222,10 +201,14 @@ class Packer(IterableDataset):
         return self.stats["real_tokens"] / self.stats["row_tokens"] if self.stats["row_tokens"] else 0.0
 
     def _admit(self, sample: EncodedSample, count: bool) -> EncodedSample | None:
-        image_id, video_id, merge = self.token_ids
+        if sample.token_ids != self.token_ids:
+            raise ValueError(
+                f"sample {sample.sample_id!r} was encoded with token ids {sample.token_ids}, but the packer was built "
+                f"with {self.token_ids}: encode with the processor of the checkpoint being trained"
+            )
         stats = self.stats if count else Counter()
         try:
-            check_sample(sample, image_id, video_id, merge)
+            check_sample(sample, self.merge_size)
         except ValueError as exc:
             stats["skipped_inconsistent"] += 1
             log.warning("packer: skipping %s", exc)
@@ -238,7 +221,7 @@ class Packer(IterableDataset):
                 "packer: skipping sample %r of %d tokens (row %d)", sample.sample_id, len(sample), self.max_seq_len
             )
             return None
-        out = truncate_sample(sample, self.max_seq_len, image_id, video_id, merge)
+        out = truncate_sample(sample, self.max_seq_len, self.merge_size)
         stats["truncated" if out is not None else "skipped_no_labels_after_truncation"] += 1
         return out
 
@@ -294,7 +277,7 @@ class Packer(IterableDataset):
                 k = -max(fits)[1]
                 row.append(self._buffer.pop(k)[1])
                 space -= len(row[-1])
-            batch = pack_row(row, self.max_seq_len, self.pad_token_id, self.pad_to_multiple_of)
+            batch = pack_row(row, self.max_seq_len, self.pad_to_multiple_of)
             self.stats["rows"] += 1
             self.stats["samples"] += len(row)
             self.stats["real_tokens"] += sum(len(s) for s in row)

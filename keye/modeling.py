@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from data_pipelines.encoded import VisualInputs
 from keye.attention import ATTN_IMPLEMENTATION, register_with_transformers
 from keye.checkpoint import PACKING_TABLE_KEY, PACKING_TABLE_ROWS
 from keye.compat import cache_kwarg, output_cache, take_cache
@@ -239,21 +240,14 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         return list(features.split(sizes))
 
     def embed_inputs(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-        always_run_vision: bool = False,
+        self, input_ids: torch.LongTensor, visual: VisualInputs, always_run_vision: bool = False
     ) -> torch.Tensor:
         """Token embeddings with image and video features placed at their placeholder tokens."""
         embeds = self.model.embed_tokens(input_ids)
         kinds = [
             (kind, pixels, grid, token_id)
-            for kind, pixels, grid, token_id in (
-                ("image", pixel_values, image_grid_thw, self.config.image_token_id),
-                ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id),
+            for (kind, pixels, grid), token_id in zip(
+                visual.kinds(), (self.config.image_token_id, self.config.video_token_id)
             )
             if pixels is not None and pixels.numel()
         ]
@@ -370,14 +364,11 @@ class KeyeVLForConditionalGeneration(KeyeVLPreTrainedModel, GenerationMixin):
         sp = sequence_parallel
         if sp is not None and labels is not None:
             raise ValueError("sequence-parallel inputs carry shift_labels (shifted on the full row), not labels")
+        visual = VisualInputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if inputs_embeds is None and sp is not None:  # --- Ulysses sequence parallelism ---
-            inputs_embeds = sp.embed(
-                self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, always_run_vision
-            )
+            inputs_embeds = sp.embed(self, input_ids, visual, always_run_vision)
         elif inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(
-                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, always_run_vision
-            )
+            inputs_embeds = self.embed_inputs(input_ids, visual, always_run_vision)
         if position_ids is None:
             if cu_seqlens is not None:
                 raise ValueError("packed inputs (cu_seqlens) need position_ids from the packer")

@@ -7,6 +7,9 @@ its timestamp ("12.5") + n_j × ``<|video_pad|>``, fast frames wrapped in ``<|fa
 tokenizer time. Labels cover assistant text and its ``<|im_end|>`` only; visual tokens, Thyme sandbox
 outputs (``<sandbox_output>…</sandbox_output>``) and everything else are ``IGNORE_INDEX``.
 
+Token ids come from the model config (``token_ids``: ``KeyeVLConfig``'s ``*_token_id`` fields, the checkpoint's
+``config.json`` in ``from_pretrained``) and the tokenizer's padding token; every encoded sample carries them.
+
 Saved beside the tokenizer: ``preprocessor_config.json`` (the released image processor's file: its pixel limits,
 rescale factor, mean and std, read into ``image_config``; see ``keye.preprocessor_config``) and
 ``keye_processor_config.json`` (our own settings: the first-stage image limits, video options, system prompt, Thyme
@@ -26,18 +29,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from data_pipelines.encoded import IGNORE_INDEX, EncodedSample
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, TokenIds, VisualInputs
 from data_pipelines.media import FAST, VideoClip, VideoOptions, timestamp_text
 from data_pipelines.resize import MAX_PIXELS, MIN_PIXELS
-from keye.configuration import (
-    FAST_END_TOKEN_ID,
-    FAST_START_TOKEN_ID,
-    FRAME_TOKEN_ID,
-    IMAGE_TOKEN_ID,
-    VIDEO_TOKEN_ID,
-    VISION_END_TOKEN_ID,
-    VISION_START_TOKEN_ID,
-)
+from keye.configuration import KeyeVLConfig
 from keye.image_processing import image_to_patches, video_to_patches
 from keye.preprocessor_config import ImageProcessorConfig
 from keye.reasoning import apply_mode
@@ -130,16 +125,22 @@ class KeyeVLProcessor:
     """Tokenizer + pixel processing + chat template. ``encode_conversation`` serves training and inference.
 
     ``config``: our settings (``keye_processor_config.json``); ``image_config``: the released image processor's
-    (``preprocessor_config.json``, published Keye-VL 1.5 values by default).
+    (``preprocessor_config.json``, published Keye-VL 1.5 values by default); ``model_config``: the ``KeyeVLConfig``
+    whose token ids it encodes with (``token_ids``; the config's defaults when not given).
     """
 
     def __init__(
-        self, tokenizer=None, config: ProcessorConfig | None = None, image_config: ImageProcessorConfig | None = None
+        self,
+        tokenizer=None,
+        config: ProcessorConfig | None = None,
+        image_config: ImageProcessorConfig | None = None,
+        model_config: KeyeVLConfig | None = None,
     ) -> None:
         self.tokenizer = tokenizer or load_tokenizer()
         self.tokenizer.chat_template = CHAT_TEMPLATE
         self.config = config or ProcessorConfig()
         self.image_config = image_config or ImageProcessorConfig()
+        self.token_ids = TokenIds.from_config(model_config or KeyeVLConfig(), self.tokenizer.pad_token_id)
         self._text_cache: dict[str, list[int]] = {}
 
     # --- persistence -----------------------------------------------------------------------------------------
@@ -151,11 +152,19 @@ class KeyeVLProcessor:
         (directory / PROCESSOR_CONFIG).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> KeyeVLProcessor:
+    def from_pretrained(cls, directory: str | Path, model_config: KeyeVLConfig | None = None) -> KeyeVLProcessor:
         """Tokenizer, ``preprocessor_config.json`` and ``keye_processor_config.json`` of ``directory``; a missing
-        JSON file (older checkpoints) means its defaults, a bad key in one is an error naming it and the file."""
+        JSON file (older checkpoints) means its defaults, a bad key in one is an error naming it and the file.
+        Token ids are ``model_config``'s, by default those of the checkpoint's ``config.json`` when it has one."""
         directory = Path(directory)
-        return cls(load_tokenizer(directory), load_processor_config(directory), ImageProcessorConfig.load(directory))
+        if model_config is None and (directory / "config.json").is_file():
+            model_config = KeyeVLConfig.from_pretrained(directory)
+        return cls(
+            load_tokenizer(directory),
+            load_processor_config(directory),
+            ImageProcessorConfig.load(directory),
+            model_config,
+        )
 
     # --- text ------------------------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -222,22 +231,47 @@ class KeyeVLProcessor:
         return load_video(source, self.video_options(item))
 
     def image_ids(self, grid: list[int]) -> list[int]:
-        n = grid[1] * grid[2] // (MERGE * MERGE)
-        return [VISION_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * n + [VISION_END_TOKEN_ID]
+        t = self.token_ids
+        return [t.vision_start] + [t.image] * (grid[1] * grid[2] // (MERGE * MERGE)) + [t.vision_end]
 
     def video_ids(self, clip: VideoClip, grids: list[list[int]]) -> list[int]:
-        ids = [VISION_START_TOKEN_ID]
+        t = self.token_ids
+        ids = [t.vision_start]
         for j, (_, h, w) in enumerate(grids):
-            ids.append(FRAME_TOKEN_ID)
+            ids.append(t.frame)
             if clip.timestamps:
                 ids.extend(self._ids(timestamp_text(clip.timestamps[j])))
-            pads = [VIDEO_TOKEN_ID] * (h * w // (MERGE * MERGE))
+            pads = [t.video] * (h * w // (MERGE * MERGE))
             if clip.frame_types[j] == FAST:
-                ids.extend([FAST_START_TOKEN_ID, *pads, FAST_END_TOKEN_ID])
+                ids.extend([t.fast_start, *pads, t.fast_end])
             else:
                 ids.extend(pads)
-        ids.append(VISION_END_TOKEN_ID)
+        ids.append(t.vision_end)
         return ids
+
+    def _sample(
+        self, ids: list[int], labels: list[int], img_patches, img_grids, vid_patches, vid_grids, **kw
+    ) -> EncodedSample:
+        """An ``EncodedSample`` of ``ids`` with its multimodal positions and the collected patches and grids
+        (``[1, h, w]`` per image, run-length merged rows per video)."""
+        t = self.token_ids
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        visual = VisualInputs(
+            torch.cat(img_patches) if img_patches else None,
+            torch.tensor(img_grids, dtype=torch.long).view(-1, 3) if img_grids else None,
+            torch.cat(vid_patches) if vid_patches else None,
+            torch.tensor(vid_grids, dtype=torch.long).view(-1, 3) if vid_grids else None,
+        )
+        return EncodedSample(
+            input_ids=input_ids,
+            labels=torch.tensor(labels, dtype=torch.long),
+            position_ids=multimodal_position_ids(
+                input_ids, t.image, t.video, visual.image_grid_thw, visual.video_grid_thw, MERGE
+            ),
+            token_ids=t,
+            visual=visual,
+            **kw,
+        )
 
     # --- encoding --------------------------------------------------------------------------------------------
     def encode_conversation(
@@ -315,20 +349,8 @@ class KeyeVLProcessor:
         if add_generation_prompt:
             emit(self._ids("<|im_start|>assistant\n"), False)
 
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        image_grid = torch.tensor(img_grids, dtype=torch.long).view(-1, 3) if img_grids else None
-        video_grid = torch.tensor(vid_grids, dtype=torch.long).view(-1, 3) if vid_grids else None
-        positions = multimodal_position_ids(input_ids, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, image_grid, video_grid, MERGE)
-        return EncodedSample(
-            input_ids=input_ids,
-            labels=torch.tensor(labels, dtype=torch.long),
-            position_ids=positions,
-            pixel_values=torch.cat(img_patches) if img_patches else None,
-            image_grid_thw=image_grid,
-            pixel_values_videos=torch.cat(vid_patches) if vid_patches else None,
-            video_grid_thw=video_grid,
-            sample_id=sample_id,
-            source=source,
+        return self._sample(
+            ids, labels, img_patches, img_grids, vid_patches, vid_grids, sample_id=sample_id, source=source
         )
 
     def encode_prompt(
@@ -339,8 +361,9 @@ class KeyeVLProcessor:
         Each placeholder stands for one whole image or video and is expanded here; the counts must match.
         """
         ids = self._ids(text) if len(text) < 64 else self.tokenizer.encode(text, add_special_tokens=False)
-        n_img = ids.count(IMAGE_TOKEN_ID)
-        n_vid = ids.count(VIDEO_TOKEN_ID)
+        t = self.token_ids
+        n_img = ids.count(t.image)
+        n_vid = ids.count(t.video)
         if n_img != len(images) or n_vid != len(videos):
             raise ValueError(
                 f"prompt has {n_img} image and {n_vid} video placeholders but {len(images)} images and "
@@ -350,12 +373,12 @@ class KeyeVLProcessor:
         img_patches, img_grids, vid_patches, vid_grids = [], [], [], []
         images_left, videos_left = list(images), list(videos)
         for tok in ids:
-            if tok == IMAGE_TOKEN_ID:
+            if tok == t.image:
                 patches, grid = self.encode_image({"image": images_left.pop(0)})
                 img_patches.append(patches)
                 img_grids.append(grid)
                 out.extend(self.image_ids(grid)[1:-1])
-            elif tok == VIDEO_TOKEN_ID:
+            elif tok == t.video:
                 clip = videos_left.pop(0)
                 patches, grids = self.encode_video(clip)
                 vid_patches.append(patches)
@@ -363,41 +386,19 @@ class KeyeVLProcessor:
                 out.extend(self.video_ids(clip, grids)[1:-1])
             else:
                 out.append(tok)
-        input_ids = torch.tensor(out, dtype=torch.long)
-        image_grid = torch.tensor(img_grids, dtype=torch.long).view(-1, 3) if img_grids else None
-        video_grid = torch.tensor(vid_grids, dtype=torch.long).view(-1, 3) if vid_grids else None
-        return EncodedSample(
-            input_ids=input_ids,
-            labels=torch.full_like(input_ids, IGNORE_INDEX),
-            position_ids=multimodal_position_ids(input_ids, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, image_grid, video_grid),
-            pixel_values=torch.cat(img_patches) if img_patches else None,
-            image_grid_thw=image_grid,
-            pixel_values_videos=torch.cat(vid_patches) if vid_patches else None,
-            video_grid_thw=video_grid,
-        )
+        return self._sample(out, [IGNORE_INDEX] * len(out), img_patches, img_grids, vid_patches, vid_grids)
 
     def collate_for_generation(self, samples: Sequence[EncodedSample]) -> dict[str, Any]:
         """Left-pad encoded prompts into one batch for ``model.generate`` (positions are computed by the model)."""
-        pad_id = self.tokenizer.pad_token_id
+        pad_id = self.token_ids.pad
         longest = max(len(s) for s in samples)
         input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
         for b, s in enumerate(samples):
             input_ids[b, longest - len(s) :] = s.input_ids
             attention_mask[b, longest - len(s) :] = 1
-
-        def cat(name: str):
-            parts = [getattr(s, name) for s in samples if getattr(s, name) is not None]
-            return torch.cat(parts) if parts else None
-
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": cat("pixel_values"),
-            "image_grid_thw": cat("image_grid_thw"),
-            "pixel_values_videos": cat("pixel_values_videos"),
-            "video_grid_thw": cat("video_grid_thw"),
-        }
+        visual = VisualInputs.concat(s.visual for s in samples)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **visual.as_kwargs()}
 
     def __call__(
         self,

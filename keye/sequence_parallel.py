@@ -35,6 +35,7 @@ the loss by the world size makes the update per-token exact. The data sampler mu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,12 +44,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_pipelines.encoded import IGNORE_INDEX, PackedBatch
-from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from data_pipelines.encoded import IGNORE_INDEX, PackedBatch, TokenIds, VisualInputs
 from keye.loss import DEFAULT_CHUNK, cross_entropy_sum, shift_labels
 from keye.rope import split_frames
-
-PAD_TOKEN_ID = 151643  # Qwen3 <|endoftext|>, the packer's padding token
 
 
 # --- process groups ------------------------------------------------------------------------------------------
@@ -231,22 +229,16 @@ def shifted_cross_entropy(
 # --- sharding a packed row -----------------------------------------------------------------------------------
 @dataclass
 class SequenceShard:
-    """What the model needs to run on one slice of a row: the SP group and where the slice's visual tokens start
-    in the row's image and video feature sequences."""
+    """What the model needs to run on one slice of a row: the SP group, the row's token ids and where the slice's
+    visual tokens start in the row's image and video feature sequences."""
 
     group: dist.ProcessGroup | None
+    token_ids: TokenIds
     image_token_offset: int = 0
     video_token_offset: int = 0
 
     def embed(
-        self,
-        model: torch.nn.Module,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        image_grid_thw: torch.Tensor | None,
-        pixel_values_videos: torch.Tensor | None,
-        video_grid_thw: torch.Tensor | None,
-        always_run_vision: bool = False,
+        self, model: torch.nn.Module, input_ids: torch.Tensor, visual: VisualInputs, always_run_vision: bool = False
     ) -> torch.Tensor:
         """Token embeddings of the slice, with the features of the visual tokens that fall in it.
 
@@ -255,13 +247,19 @@ class SequenceShard:
         call; a dummy 2×2 input when its slice holds none), so ZeRO-3 parameter gathers stay in step across ranks.
         """
         cfg = model.config
+        if (cfg.image_token_id, cfg.video_token_id) != (self.token_ids.image, self.token_ids.video):
+            raise ValueError(
+                f"the row's image/video placeholders are {self.token_ids.image}/{self.token_ids.video} (its "
+                f"processor's token ids), the model's config has {cfg.image_token_id}/{cfg.video_token_id}"
+            )
         embeds = model.model.embed_tokens(input_ids)
-        inputs = (
-            ("image", pixel_values, image_grid_thw, cfg.image_token_id, self.image_token_offset),
-            ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id, self.video_token_offset),
+        per_kind = zip(
+            visual.kinds(),
+            (cfg.image_token_id, cfg.video_token_id),
+            (self.image_token_offset, self.video_token_offset),
         )
         wanted = []  # (kind, token mask, pixels, frames, skip, n_local) of the frames holding this slice's tokens
-        for kind, pixels, grid, token_id, offset in inputs:
+        for (kind, pixels, grid), token_id, offset in per_kind:
             if pixels is None or not pixels.numel():
                 continue
             mask = input_ids == token_id
@@ -269,8 +267,7 @@ class SequenceShard:
             if n_local:
                 wanted.append((kind, mask, *_slice_frames(model, pixels, grid, offset, n_local, kind), n_local))
         if not wanted:
-            has_pixels = any(p is not None and p.numel() for _, p, *_ in inputs)
-            return embeds + model._dummy_visual(embeds) if (always_run_vision or has_pixels) else embeds
+            return embeds + model._dummy_visual(embeds) if (always_run_vision or visual.has_pixels) else embeds
         features = model.encode_visual_parts([(pixels, frames) for _, _, pixels, frames, _, _ in wanted])
         for (_, mask, _, _, skip, n_local), feats in zip(wanted, features):
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats[skip : skip + n_local].to(embeds.dtype))
@@ -303,16 +300,14 @@ def _slice_frames(
 @dataclass
 class ShardedBatch:
     """One rank's slice of a packed row (``B`` = 1): tokens ``[sp_rank·L/sp, (sp_rank+1)·L/sp)`` of the row padded
-    to a multiple of ``sp_size``. ``cu_seqlens`` and the visual tensors are the whole row's."""
+    to a multiple of ``sp_size``. ``cu_seqlens`` and the visual inputs are the whole row's."""
 
     input_ids: torch.Tensor  # [1, L/sp]
     shift_labels: torch.Tensor  # [1, L/sp] next-token targets, shifted on the full row
     position_ids: torch.Tensor  # [3, 1, L/sp]
     cu_seqlens: torch.Tensor  # [n+1], offsets in the padded row
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-    pixel_values_videos: torch.Tensor | None
-    video_grid_thw: torch.Tensor | None
+    visual: VisualInputs
+    token_ids: TokenIds
     image_token_offset: int
     video_token_offset: int
     sp_rank: int
@@ -344,54 +339,38 @@ class ShardedBatch:
             "shift_labels": self.shift_labels,
             "position_ids": self.position_ids,
             "cu_seqlens": self.cu_seqlens,
-            "pixel_values": self.pixel_values,
-            "image_grid_thw": self.image_grid_thw,
-            "pixel_values_videos": self.pixel_values_videos,
-            "video_grid_thw": self.video_grid_thw,
-            "sequence_parallel": SequenceShard(group, self.image_token_offset, self.video_token_offset),
+            **self.visual.as_kwargs(),
+            "sequence_parallel": SequenceShard(group, self.token_ids, self.image_token_offset, self.video_token_offset),
         }
 
     def to(self, device: torch.device | str) -> ShardedBatch:
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        moved = {
+            k: (v.to(device) if isinstance(v, (torch.Tensor, VisualInputs)) else v) for k, v in self.__dict__.items()
+        }
         return ShardedBatch(**moved)
 
 
-def pad_row_to_multiple(batch: PackedBatch, multiple: int, pad_token_id: int = PAD_TOKEN_ID) -> PackedBatch:
-    """``batch`` with its row extended to a multiple of ``multiple`` tokens; the extension is its own segment."""
+def pad_row_to_multiple(batch: PackedBatch, multiple: int) -> PackedBatch:
+    """``batch`` with its row extended to a multiple of ``multiple`` tokens of its padding token; the extension is
+    its own segment."""
     length = batch.input_ids.shape[1]
     pad = -length % multiple
     if not pad:
         return batch
-    ids = F.pad(batch.input_ids, (0, pad), value=pad_token_id)
+    ids = F.pad(batch.input_ids, (0, pad), value=batch.token_ids.pad)
     labels = F.pad(batch.labels, (0, pad), value=IGNORE_INDEX)
     extra = torch.arange(pad, dtype=batch.position_ids.dtype, device=batch.position_ids.device)
     positions = torch.cat([batch.position_ids, extra.expand(3, 1, pad)], dim=2)
     cu = batch.cu_seqlens
     cu = torch.cat([cu, cu.new_tensor([length + pad])])
-    return PackedBatch(
-        input_ids=ids,
-        labels=labels,
-        position_ids=positions,
-        cu_seqlens=cu,
-        pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw,
-        pixel_values_videos=batch.pixel_values_videos,
-        video_grid_thw=batch.video_grid_thw,
-        num_samples=batch.num_samples,
-        sample_ids=list(batch.sample_ids),
+    return dataclasses.replace(
+        batch, input_ids=ids, labels=labels, position_ids=positions, cu_seqlens=cu, sample_ids=list(batch.sample_ids)
     )
 
 
-def shard_packed_batch(
-    batch: PackedBatch,
-    sp_rank: int,
-    sp_size: int,
-    *,
-    image_token_id: int = IMAGE_TOKEN_ID,
-    video_token_id: int = VIDEO_TOKEN_ID,
-    pad_token_id: int = PAD_TOKEN_ID,
-) -> ShardedBatch:
-    """This rank's contiguous slice of a one-row ``PackedBatch`` (padded to a multiple of ``sp_size``)."""
+def shard_packed_batch(batch: PackedBatch, sp_rank: int, sp_size: int) -> ShardedBatch:
+    """This rank's contiguous slice of a one-row ``PackedBatch`` (padded to a multiple of ``sp_size``); the slice's
+    visual token offsets count the row's placeholders (``batch.token_ids``)."""
     if batch.input_ids.shape[0] != 1:
         raise ValueError(f"sequence parallelism shards one packed row, got a batch of {batch.input_ids.shape[0]} rows")
     if not 0 <= sp_rank < sp_size:
@@ -400,7 +379,7 @@ def shard_packed_batch(
         raise ValueError(
             f"cu_seqlens ends at {int(batch.cu_seqlens[-1])} but the row holds {batch.input_ids.shape[1]} tokens"
         )
-    row = pad_row_to_multiple(batch, sp_size, pad_token_id)
+    row = pad_row_to_multiple(batch, sp_size)
     length = row.input_ids.shape[1]
     per = length // sp_size
     lo, hi = sp_rank * per, (sp_rank + 1) * per
@@ -411,12 +390,10 @@ def shard_packed_batch(
         shift_labels=targets[:, lo:hi],
         position_ids=row.position_ids[:, :, lo:hi],
         cu_seqlens=row.cu_seqlens,
-        pixel_values=row.pixel_values,
-        image_grid_thw=row.image_grid_thw,
-        pixel_values_videos=row.pixel_values_videos,
-        video_grid_thw=row.video_grid_thw,
-        image_token_offset=int((before == image_token_id).sum()),
-        video_token_offset=int((before == video_token_id).sum()),
+        visual=row.visual,
+        token_ids=row.token_ids,
+        image_token_offset=int((before == row.token_ids.image).sum()),
+        video_token_offset=int((before == row.token_ids.video).sum()),
         sp_rank=sp_rank,
         sp_size=sp_size,
         row_length=length,

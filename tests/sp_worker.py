@@ -118,7 +118,7 @@ def main() -> int:
     image_tokens = [None] * sp
     dist.all_gather_object(image_tokens, int((shard.input_ids == model.config.image_token_id).sum()))
 
-    frames = split_frames(batch.video_grid_thw)
+    frames = split_frames(batch.visual.video_grid_thw)
     frame_tokens = (frames[:, 1] * frames[:, 2] // 4).tolist()
     frame_starts = [sum(frame_tokens[:i]) for i in range(len(frame_tokens))]
 

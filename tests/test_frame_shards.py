@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from operator import attrgetter
 from pathlib import Path
 
 import pytest
@@ -87,10 +88,10 @@ def test_a_frame_shard_sample_encodes_to_the_mp4_samples_tokens_and_patches(data
     expected, got = _encoded(mp4, processor), _encoded(frames, processor)
     assert [s.sample_id for s in got] == [s.sample_id for s in expected] == ["cuts", "list"]
     for a, b in zip(expected, got, strict=True):
-        for name in ("input_ids", "labels", "position_ids", "video_grid_thw", "pixel_values_videos"):
-            assert torch.equal(getattr(a, name), getattr(b, name)), (a.sample_id, name)
+        for name in ("input_ids", "labels", "position_ids", "visual.video_grid_thw", "visual.pixel_values_videos"):
+            assert torch.equal(attrgetter(name)(a), attrgetter(name)(b)), (a.sample_id, name)
     # the video really is Slow-Fast: both kinds of frame, at two sizes
-    grids = {tuple(g) for g in got[0].video_grid_thw[:, 1:].tolist()}
+    grids = {tuple(g) for g in got[0].visual.video_grid_thw[:, 1:].tolist()}
     assert len(grids) == 2, grids
     clip = read_frames_member(_member(frames, "media_0.frames.npz"), VideoOptions(), "cuts")
     assert {SLOW, FAST} <= set(clip.frame_types) and clip.slow_hw != clip.fast_hw and clip.path == "cuts.mp4"
@@ -104,8 +105,8 @@ def test_jpeg_frames_keep_the_tokens_and_differ_a_little_in_patches(dataset, pro
     lossy = _encoded(_shards(dataset, "frames-jpeg", FrameEncoding("jpeg", 90)), processor)
     assert json.loads((dataset[0] / "frames-jpeg" / "manifest.json").read_text())["frames"]["quality"] == 90
     for a, b in zip(exact, lossy, strict=True):
-        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.video_grid_thw, b.video_grid_thw)
-        diff = (a.pixel_values_videos - b.pixel_values_videos).abs()
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.visual.video_grid_thw, b.visual.video_grid_thw)
+        diff = (a.visual.pixel_values_videos - b.visual.pixel_values_videos).abs()
         assert 0 < float(diff.mean()) < 0.05
 
 
@@ -156,7 +157,7 @@ def test_a_real_clip_encodes_exactly_from_frame_shards(tmp_path, processor):
         (sample,) = _encoded(tmp_path / name, processor)
         encoded.append(sample)
     assert torch.equal(encoded[0].input_ids, encoded[1].input_ids)
-    assert torch.equal(encoded[0].pixel_values_videos, encoded[1].pixel_values_videos)
+    assert torch.equal(encoded[0].visual.pixel_values_videos, encoded[1].visual.pixel_values_videos)
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def _conv(*items, text="Describe."):
 
 
 def _forward(model, sample, **kw):
-    return model(input_ids=sample.input_ids[None], **sample.visual_inputs(), **kw)
+    return model(input_ids=sample.input_ids[None], **sample.visual.as_kwargs(), **kw)
 
 
 def test_config_round_trip(tmp_path):
@@ -90,11 +90,11 @@ def test_forward_shapes_text_image_multi_image_video(model, processor):
 def test_visual_feature_count_matches_placeholders(model, processor):
     sample = processor.encode_conversation(_conv({"type": "image", "image": random_image(56, 84)}))
     n_pad = int((sample.input_ids == model.config.image_token_id).sum())
-    assert model.encode_visual(sample.pixel_values, sample.image_grid_thw).shape[0] == n_pad == 2 * 3
+    assert model.encode_visual(sample.visual.pixel_values, sample.visual.image_grid_thw).shape[0] == n_pad == 2 * 3
     clip = random_clip()
     sample = processor.encode_conversation(_conv({"type": "video", "video": clip}))
     n_pad = int((sample.input_ids == model.config.video_token_id).sum())
-    assert model.encode_visual(sample.pixel_values_videos, sample.video_grid_thw).shape[0] == n_pad
+    assert model.encode_visual(sample.visual.pixel_values_videos, sample.visual.video_grid_thw).shape[0] == n_pad
     assert n_pad == clip.visual_tokens()
 
 
@@ -104,7 +104,7 @@ def test_placeholder_mismatch_names_both_counts(model, processor):
     ids[ids == model.config.image_token_id] = 100  # drop all placeholders, keep the pixels
     ids[-3] = model.config.image_token_id
     with pytest.raises(ValueError, match=r"placeholder tokens \(1\).*\(6"):
-        model(input_ids=ids[None], pixel_values=sample.pixel_values, image_grid_thw=sample.image_grid_thw)
+        model(input_ids=ids[None], pixel_values=sample.visual.pixel_values, image_grid_thw=sample.visual.image_grid_thw)
 
 
 def test_generation_with_cache_equals_without(model, processor):
@@ -143,10 +143,10 @@ def test_packed_equals_unpacked(model, processor):
             input_ids=ids,
             position_ids=pos,
             cu_seqlens=cu,
-            pixel_values=samples[1].pixel_values,
-            image_grid_thw=samples[1].image_grid_thw,
-            pixel_values_videos=samples[2].pixel_values_videos,
-            video_grid_thw=samples[2].video_grid_thw,
+            pixel_values=samples[1].visual.pixel_values,
+            image_grid_thw=samples[1].visual.image_grid_thw,
+            pixel_values_videos=samples[2].visual.pixel_values_videos,
+            video_grid_thw=samples[2].visual.video_grid_thw,
         ).logits[0]
     for k, ref in enumerate(alone):
         torch.testing.assert_close(packed[cu[k] : cu[k + 1]], ref, atol=1e-4, rtol=1e-4)
@@ -169,8 +169,8 @@ def test_packed_loss_equals_sum_of_sample_losses(model, processor):
         out = model(
             input_ids=s.input_ids[None],
             labels=s.labels[None],
-            pixel_values=s.pixel_values,
-            image_grid_thw=s.image_grid_thw,
+            pixel_values=s.visual.pixel_values,
+            image_grid_thw=s.visual.image_grid_thw,
             num_items_in_batch=1,
         )
         sums.append(out.loss)
@@ -184,8 +184,8 @@ def test_packed_loss_equals_sum_of_sample_losses(model, processor):
         labels=labels,
         position_ids=pos,
         cu_seqlens=cu,
-        pixel_values=samples[1].pixel_values,
-        image_grid_thw=samples[1].image_grid_thw,
+        pixel_values=samples[1].visual.pixel_values,
+        image_grid_thw=samples[1].visual.image_grid_thw,
         num_items_in_batch=1,
     )
     torch.testing.assert_close(out.loss, sum(sums), atol=1e-4, rtol=1e-5)
@@ -202,7 +202,10 @@ def test_loss_gradient_reaches_every_trainable_part(processor):
     s = processor.encode_conversation(conv)
     assert (s.labels != IGNORE_INDEX).sum() > 0
     out = model(
-        input_ids=s.input_ids[None], labels=s.labels[None], pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw
+        input_ids=s.input_ids[None],
+        labels=s.labels[None],
+        pixel_values=s.visual.pixel_values,
+        image_grid_thw=s.visual.image_grid_thw,
     )
     out.loss.backward()
     for part in (model.visual, model.mlp_AR, model.model.layers):
@@ -250,10 +253,10 @@ def test_generate_uses_multimodal_positions(model, processor):
         ids = full[None]
         logits = model(
             input_ids=ids,
-            pixel_values=sample.pixel_values,
-            image_grid_thw=sample.image_grid_thw,
-            pixel_values_videos=sample.pixel_values_videos,
-            video_grid_thw=sample.video_grid_thw,
+            pixel_values=sample.visual.pixel_values,
+            image_grid_thw=sample.visual.image_grid_thw,
+            pixel_values_videos=sample.visual.pixel_values_videos,
+            video_grid_thw=sample.visual.video_grid_thw,
         ).logits[0]
     prompt_len = len(sample)
     assert logits[prompt_len - 1 : -1].argmax(-1).tolist() == full[prompt_len:].tolist()

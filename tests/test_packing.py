@@ -7,19 +7,22 @@ import torch
 import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipelines.encoded import IGNORE_INDEX, EncodedSample
-from data_pipelines.packing import (
-    IMAGE_TOKEN_ID,
-    VIDEO_TOKEN_ID,
-    Packer,
-    check_sample,
-    pack_row,
-    split_grid,
-    truncate_sample,
-)
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, TokenIds, VisualInputs
+from data_pipelines.packing import Packer, check_sample, pack_row, split_grid, truncate_sample
 from data_pipelines.reader import MappedStream, ShardStream
 
-VSTART, VEND, FRAME = 151652, 151653, 151675
+IDS = TokenIds(
+    image=151655,
+    video=151656,
+    vision_start=151652,
+    vision_end=151653,
+    frame=151675,
+    fast_start=151676,
+    fast_end=151677,
+    pad=151643,
+)  # Qwen3 + Keye's (KeyeVLConfig's defaults)
+IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = IDS.image, IDS.video
+VSTART, VEND, FRAME = IDS.vision_start, IDS.vision_end, IDS.frame
 PATCH_DIM = 6
 
 
@@ -61,10 +64,13 @@ def make_sample(sid: str, parts: list, seed: int = 0) -> EncodedSample:
         input_ids=torch.tensor(ids),
         labels=torch.tensor(labels),
         position_ids=torch.arange(n).expand(3, n).clone(),
-        pixel_values=torch.cat(img_px) if img_px else None,
-        image_grid_thw=torch.tensor(img_grid) if img_grid else None,
-        pixel_values_videos=torch.cat(vid_px) if vid_px else None,
-        video_grid_thw=torch.tensor(vid_grid) if vid_grid else None,
+        token_ids=IDS,
+        visual=VisualInputs(
+            torch.cat(img_px) if img_px else None,
+            torch.tensor(img_grid) if img_grid else None,
+            torch.cat(vid_px) if vid_px else None,
+            torch.tensor(vid_grid) if vid_grid else None,
+        ),
         sample_id=sid,
     )
 
@@ -98,8 +104,8 @@ def assert_row_consistent(batch, originals: dict[str, EncodedSample], max_len: i
         assert (batch.labels[0, a:] == IGNORE_INDEX).all()
         assert torch.equal(batch.position_ids[0, 0, a:], torch.arange(max_len - a))
     for token, grid, px in (
-        (IMAGE_TOKEN_ID, batch.image_grid_thw, batch.pixel_values),
-        (VIDEO_TOKEN_ID, batch.video_grid_thw, batch.pixel_values_videos),
+        (IMAGE_TOKEN_ID, batch.visual.image_grid_thw, batch.visual.pixel_values),
+        (VIDEO_TOKEN_ID, batch.visual.video_grid_thw, batch.visual.pixel_values_videos),
     ):
         n_tok = int((batch.input_ids == token).sum())
         n_patch = 0 if grid is None else int(grid.prod(-1).sum())
@@ -110,15 +116,15 @@ def test_pack_row_boundaries_labels_and_visuals():
     a = make_sample("a", [("text", 7), ("image", (4, 8)), ("answer", 5)])
     b = make_sample("b", [("text", 3), ("video", [(2, 4, 4), (1, 8, 4)]), ("answer", 4)])
     c = make_sample("c", [("text", 2), ("image", (8, 8)), ("image", (4, 4)), ("answer", 3)])
-    batch = pack_row([a, b, c], 128, pad_token_id=0)
+    batch = pack_row([a, b, c], 128)
     lens = [len(a), len(b), len(c)]
     assert batch.cu_seqlens.tolist() == [0, lens[0], sum(lens[:2]), sum(lens), 128]
     assert batch.num_samples == 3 and batch.sample_ids == ["a", "b", "c"]
-    assert (batch.input_ids[0, sum(lens) :] == 0).all()
+    assert (batch.input_ids[0, sum(lens) :] == IDS.pad).all()
     assert int((batch.labels != IGNORE_INDEX).sum()) == a.num_label_tokens + b.num_label_tokens + c.num_label_tokens
-    assert batch.image_grid_thw.tolist() == [[1, 4, 8], [1, 8, 8], [1, 4, 4]]
-    assert batch.video_grid_thw.tolist() == [[2, 4, 4], [1, 8, 4]]
-    assert torch.equal(batch.pixel_values, torch.cat([a.pixel_values, c.pixel_values]))
+    assert batch.visual.image_grid_thw.tolist() == [[1, 4, 8], [1, 8, 8], [1, 4, 4]]
+    assert batch.visual.video_grid_thw.tolist() == [[2, 4, 4], [1, 8, 4]]
+    assert torch.equal(batch.visual.pixel_values, torch.cat([a.visual.pixel_values, c.visual.pixel_values]))
     assert_row_consistent(batch, {"a": a, "b": b, "c": c}, 128)
     exact = pack_row([a, b], lens[0] + lens[1])
     assert exact.cu_seqlens.tolist() == [0, lens[0], lens[0] + lens[1]]  # no empty padding segment
@@ -131,7 +137,7 @@ def test_pack_row_boundaries_labels_and_visuals():
 def test_packer_fills_rows_and_keeps_every_sample(max_len):
     samples = random_samples(60, seed=1, max_text=max_len // 6)
     originals = {s.sample_id: s for s in samples}
-    packer = Packer(samples, max_seq_len=max_len, lookahead=8)
+    packer = Packer(samples, max_seq_len=max_len, token_ids=IDS, lookahead=8)
     rows = list(packer)
     seen = [sid for r in rows for sid in r.sample_ids]
     assert sorted(seen) == sorted(originals)
@@ -139,7 +145,7 @@ def test_packer_fills_rows_and_keeps_every_sample(max_len):
         assert_row_consistent(r, originals, max_len)
     assert packer.stats["samples"] == 60 and packer.stats["rows"] == len(rows)
     assert packer.fill_ratio == sum(map(len, samples)) / (len(rows) * max_len)
-    no_lookahead = Packer(samples, max_seq_len=max_len, lookahead=1)
+    no_lookahead = Packer(samples, max_seq_len=max_len, token_ids=IDS, lookahead=1)
     list(no_lookahead)
     assert packer.fill_ratio >= no_lookahead.fill_ratio
     full_rows = rows[:-1]  # the last row holds whatever was left over
@@ -170,7 +176,8 @@ def test_truncation_never_splits_a_visual_block():
     merged = make_sample("t2", [("text", 3), ("answer", 2), ("video", [(3, 4, 8)])])  # 8 pad tokens per frame
     frame2 = [i for i in range(len(merged)) if merged.input_ids[i] == VIDEO_TOKEN_ID][8]
     t = truncate_sample(merged, frame2 + 3)
-    assert len(t) == frame2 and t.video_grid_thw.tolist() == [[1, 4, 8]] and t.pixel_values_videos.shape[0] == 32
+    assert len(t) == frame2 and t.visual.video_grid_thw.tolist() == [[1, 4, 8]]
+    assert t.visual.pixel_values_videos.shape[0] == 32
     assert torch.equal(split_grid(torch.tensor([[3, 4, 8], [1, 2, 2]])), torch.tensor([[1, 4, 8]] * 3 + [[1, 2, 2]]))
 
 
@@ -180,20 +187,20 @@ def test_packer_truncates_or_skips_overlong_and_bad_samples():
     long = make_sample("long", [("text", 10), ("answer", 20), ("text", 25), ("image", (8, 8)), ("answer", 40)])
     late_labels = make_sample("late", [("text", 70), ("answer", 5)])
     bad = make_sample("bad", [("text", 5), ("image", (4, 4)), ("answer", 3)])
-    bad.image_grid_thw = torch.tensor([[1, 8, 8]])
+    bad.visual.image_grid_thw = torch.tensor([[1, 8, 8]])
     items = [small, long, late_labels, bad]
 
-    skipping = Packer(items, max_seq_len=64, truncate=False)
+    skipping = Packer(items, max_seq_len=64, token_ids=IDS, truncate=False)
     rows = list(skipping)
     assert [r.sample_ids for r in rows] == [["small"]]
     assert skipping.stats["skipped_overlong"] == 2 and skipping.stats["skipped_inconsistent"] == 1
 
-    truncating = Packer(items, max_seq_len=64, truncate=True)
+    truncating = Packer(items, max_seq_len=64, token_ids=IDS, truncate=True)
     rows = list(truncating)
     assert [sid for r in rows for sid in r.sample_ids] == ["small", "long"]
     assert truncating.stats["truncated"] == 1 and truncating.stats["skipped_no_labels_after_truncation"] == 1
     long_row = next(r for r in rows if "long" in r.sample_ids)
-    assert long_row.image_grid_thw is None and long_row.pixel_values is None  # cut before the image block
+    assert long_row.visual.image_grid_thw is None and long_row.visual.pixel_values is None  # cut before the image
     assert long_row.cu_seqlens.tolist() == [0, 56, 64]
     assert torch.equal(long_row.labels[0, :56], long.labels[:56])
 
@@ -222,7 +229,7 @@ def test_packer_resume_is_exact(stateful, cut):
     samples = random_samples(80, seed=2, max_text=700)
 
     def make():
-        return Packer(CountingStream(samples) if stateful else samples, max_seq_len=2048, lookahead=6)
+        return Packer(CountingStream(samples) if stateful else samples, max_seq_len=2048, token_ids=IDS, lookahead=6)
 
     packer = make()
     it = iter(packer)
@@ -254,7 +261,7 @@ def test_shards_to_packed_rows_resume_under_stateful_dataloader(tmp_path):
 
     def make_loader():
         stream = ShardStream(str(tmp_path / "p-{0..3}.tar"), seed=3, shuffle_buffer=5)
-        packer = Packer(MappedStream(stream, _encode), max_seq_len=1024, lookahead=4)
+        packer = Packer(MappedStream(stream, _encode), max_seq_len=1024, token_ids=IDS, lookahead=4)
         return StatefulDataLoader(packer, batch_size=None, num_workers=2)
 
     loader = make_loader()

@@ -73,9 +73,9 @@ def test_labels_cover_only_assistant_answers(processor):
 def test_image_expansion_and_grid(processor):
     image = random_image(60, 100)  # smart_resize -> 56 x 112 -> grid 4 x 8 patches -> 8 merged tokens
     sample = processor.encode_conversation([{"role": "user", "content": [{"type": "image", "image": image}]}])
-    assert sample.image_grid_thw.tolist() == [[1, 4, 8]]
+    assert sample.visual.image_grid_thw.tolist() == [[1, 4, 8]]
     assert int((sample.input_ids == IMAGE_TOKEN_ID).sum()) == 8
-    assert sample.pixel_values.shape == (32, 3 * 14 * 14)
+    assert sample.visual.pixel_values.shape == (32, 3 * 14 * 14)
 
 
 def test_video_expansion_frames_timestamps_and_fast_wrapping(processor):
@@ -91,8 +91,8 @@ def test_video_expansion_frames_timestamps_and_fast_wrapping(processor):
     assert expected_frame_1 in text
     assert "<|frame|>1.5" + "<|video_pad|>" * slow in text
     # Per-frame grids, run-length merged: slow, fast, fast, slow -> [1,4,6], [2,2,4], [1,4,6]
-    assert sample.video_grid_thw.tolist() == [[1, 4, 6], [2, 2, 4], [1, 4, 6]]
-    assert sample.pixel_values_videos.shape[0] == 2 * 24 + 2 * 8
+    assert sample.visual.video_grid_thw.tolist() == [[1, 4, 6], [2, 2, 4], [1, 4, 6]]
+    assert sample.visual.pixel_values_videos.shape[0] == 2 * 24 + 2 * 8
 
 
 def test_patch_order_is_row_major_per_frame():

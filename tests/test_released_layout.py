@@ -43,7 +43,7 @@ def ckpt(model, tmp_path_factory) -> Path:
 
 def _logits(model, sample) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=sample.input_ids[None], **sample.visual_inputs()).logits[0]
+        return model(input_ids=sample.input_ids[None], **sample.visual.as_kwargs()).logits[0]
 
 
 def test_config_json_is_the_released_layout(ckpt, model):
@@ -153,10 +153,10 @@ torch.save({{"batch": dict(batch), "logits": logits, "logits_again": logits_agai
     assert out["model_class"].startswith("transformers_modules.")  # the checkpoint's copy, not the project
     batch = out["batch"]
     assert batch["input_ids"][0].tolist() == ours.input_ids.tolist()
-    assert torch.equal(batch["pixel_values"].flatten(1), ours.pixel_values)
-    assert torch.equal(batch["image_grid_thw"], ours.image_grid_thw)
-    assert torch.equal(batch["pixel_values_videos"].flatten(1), ours.pixel_values_videos)
-    assert torch.equal(batch["video_grid_thw"], ours.video_grid_thw)
+    assert torch.equal(batch["pixel_values"].flatten(1), ours.visual.pixel_values)
+    assert torch.equal(batch["image_grid_thw"], ours.visual.image_grid_thw)
+    assert torch.equal(batch["pixel_values_videos"].flatten(1), ours.visual.pixel_values_videos)
+    assert torch.equal(batch["video_grid_thw"], ours.visual.video_grid_thw)
     assert torch.equal(batch["num_frames"], torch.tensor([4]))
     torch.testing.assert_close(out["logits"], _logits(model, ours), rtol=0, atol=1e-5)
     assert torch.equal(out["logits_again"], out["logits"])

@@ -55,6 +55,26 @@ def _task(root) -> list[dict]:
     return records
 
 
+def colour_task_gspo(model, engine, media_root, rollout_engine: str = "transformers"):
+    """The colour task's GSPO step (8 prompts x 8 rollouts, hint ladder k=4, 4 minibatches) and its AdamW step."""
+    cfg = RLConfig(
+        prompts_per_step=8,
+        rollout=RolloutConfig(group_size=8, max_new_tokens=3, media_root=str(media_root), engine=rollout_engine),
+        loss=PolicyLossConfig(loss_type="gspo"),
+        hints=HintConfig(k=4),
+        update=UpdateConfig(minibatches=4),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+
+    def opt_step():
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        return norm
+
+    return RLStep(model, engine, cfg), opt_step
+
+
 def format_only_sft(model, processor: KeyeVLProcessor, records: list[dict], root, rng: random.Random) -> None:
     """Every image paired with every colour, 30 steps: the model learns to answer with one colour word but not
     which one (what GSPO must then learn)."""
@@ -106,22 +126,7 @@ def test_gspo_raises_accuracy_on_the_colour_task(tmp_path, one_thread):
 
     engine = ChatEngine(model, processor, "cpu")
     initial = _greedy_accuracy(engine, records, tmp_path)
-    cfg = RLConfig(
-        prompts_per_step=8,
-        rollout=RolloutConfig(group_size=8, max_new_tokens=3, media_root=str(tmp_path)),
-        loss=PolicyLossConfig(loss_type="gspo"),
-        hints=HintConfig(k=4),
-        update=UpdateConfig(minibatches=4),
-    )
-    step = RLStep(model, engine, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-
-    def opt_step():
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        return norm
-
+    step, opt_step = colour_task_gspo(model, engine, tmp_path)
     curve = []
     for _ in range(12):
         rng.shuffle(records)

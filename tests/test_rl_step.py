@@ -132,9 +132,9 @@ def test_full_rl_step_over_text_image_multi_image_and_video(processor, media):
         assert torch.equal(r.sample.input_ids[: r.prompt_length], prompt.input_ids)
         assert (r.sample.labels[: r.prompt_length] == IGNORE_INDEX).all()
         if r.record["id"] in ("img", "vid"):
-            assert r.sample.pixel_values is not None or r.sample.pixel_values_videos is not None
+            assert r.sample.visual.pixel_values is not None or r.sample.visual.pixel_values_videos is not None
     # old log-probs are what the current policy gives, recomputed independently
-    again, _ = step._batch_logprobs(model, batch.minibatches, batch.mask.shape[1], with_entropy=False)
+    again, _ = step._batch_logprobs(model, batch.rollouts, batch.minibatches, batch.mask.shape[1], with_entropy=False)
     assert torch.equal(again, batch.old_logp)
     stats = {**batch.stats, **step.update(batch, opt_step)}
     for key in (

@@ -40,6 +40,6 @@ def test_tool_rollouts_mask_sandbox_output_and_score_with_thyme_rewards(tmp_path
         rel_a, rel_b = a - rollout.prompt_length, b - rollout.prompt_length
         assert not any(mask[rel_a:rel_b])  # the sandbox output (crop image tokens included) is not policy
         assert all(mask[:rel_a]) and any(mask[rel_b:])  # the code before it and the answer after it are
-        assert rollout.sample.image_grid_thw.shape[0] == 2  # input image + the crop, re-encoded
+        assert rollout.sample.visual.image_grid_thw.shape[0] == 2  # input image + the crop, re-encoded
         assert code_success_reward(rollout.text, record) == 1.0
         assert thyme_reward(rollout.text, record) == pytest.approx(1.5)  # acc 1 + 0.5 format (no judge: cons 0)

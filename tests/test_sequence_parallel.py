@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.encoded import IGNORE_INDEX, PackedBatch
+from data_pipelines.encoded import IGNORE_INDEX, PackedBatch, TokenIds
 from keye.loss import shift_labels
 from keye.modeling import KeyeVLForConditionalGeneration
 from keye.sequence_parallel import (
@@ -24,7 +24,8 @@ from keye.sequence_parallel import (
 from tests.spine_fixtures import micro_config
 
 ROOT = Path(__file__).resolve().parents[1]
-IMG = 151655
+IDS = TokenIds.from_config(micro_config(), pad=151643)
+IMG = IDS.image
 
 
 def _row(lengths: list[int], image_at: tuple[int, int] | None = None) -> PackedBatch:
@@ -36,7 +37,9 @@ def _row(lengths: list[int], image_at: tuple[int, int] | None = None) -> PackedB
     labels[0, :2] = IGNORE_INDEX
     cu = torch.cumsum(torch.tensor([0, *lengths]), 0).to(torch.int32)
     positions = torch.cat([torch.arange(n) for n in lengths])[None, None].expand(3, 1, -1).clone()
-    return PackedBatch(input_ids=ids, labels=labels, position_ids=positions, cu_seqlens=cu, num_samples=len(lengths))
+    return PackedBatch(
+        input_ids=ids, labels=labels, position_ids=positions, cu_seqlens=cu, token_ids=IDS, num_samples=len(lengths)
+    )
 
 
 def test_group_ranks_consecutive_sp_and_strided_dp():
@@ -84,7 +87,8 @@ def test_shards_tile_the_padded_row_and_keep_the_global_shift():
 def test_shard_errors():
     row = _row([4, 4])
     with pytest.raises(ValueError, match="one packed row"):
-        shard_packed_batch(PackedBatch(row.input_ids.expand(2, -1), row.labels, row.position_ids, row.cu_seqlens), 0, 2)
+        rows = PackedBatch(row.input_ids.expand(2, -1), row.labels, row.position_ids, row.cu_seqlens, IDS)
+        shard_packed_batch(rows, 0, 2)
     with pytest.raises(ValueError, match="sp_rank 2"):
         shard_packed_batch(row, 2, 2)
     with pytest.raises(RuntimeError, match=r"sharded for sp_size 2: call init_sequence_parallel\(2\)"):

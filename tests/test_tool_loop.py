@@ -119,8 +119,8 @@ def test_crop_round_is_spliced_as_an_image_and_generation_continues(tmp_path, im
     # the crop, processed by the same processor, is the second image of the final sample
     patches, grid = processor().encode_image({"image": rnd.images[0]})
     s = traj.sample
-    assert s.image_grid_thw.tolist()[1] == grid and s.image_grid_thw.shape[0] == 2
-    assert torch.equal(s.pixel_values[-patches.shape[0] :], patches)
+    assert s.visual.image_grid_thw.tolist()[1] == grid and s.visual.image_grid_thw.shape[0] == 2
+    assert torch.equal(s.visual.pixel_values[-patches.shape[0] :], patches)
     ids = s.input_ids.tolist()
     a, b = sandbox_span(ids, traj.prompt_length)
     n = grid[1] * grid[2] // 4
@@ -139,7 +139,7 @@ def test_crop_round_is_spliced_as_an_image_and_generation_continues(tmp_path, im
     assert torch.equal(again.input_ids, s.input_ids)
     assert torch.equal(again.labels, s.labels)
     assert torch.equal(again.position_ids, s.position_ids)
-    assert torch.equal(again.pixel_values, s.pixel_values)
+    assert torch.equal(again.visual.pixel_values, s.visual.pixel_values)
     assert "<sandbox_output><image></sandbox_output>The crop shows" in traj.text
 
 
@@ -177,7 +177,7 @@ def test_failed_round_is_rolled_back_and_retried_hotter(tmp_path, image_file):
     assert kept == [("text", 1.0, 1), ("code", 1.0, 1), ("text", 0.0, 0)]
     assert [(s.kind, s.temperature) for s in traj.segments if s.discarded] == [("text", 0.0), ("code", 0.0)]
     assert "1 / 0" not in traj.text and traj.answer == "red"
-    assert len(traj.sample.image_grid_thw) == 2  # the rolled-back attempt left no tokens or pixels behind
+    assert len(traj.sample.visual.image_grid_thw) == 2  # the rolled-back attempt left no tokens or pixels behind
     assert code_success_reward(traj.text, {}) == 1.0
 
     # with no retries the error is spliced back, in the prefix the RL code reward recognises
@@ -206,7 +206,7 @@ def test_round_and_image_limits(tmp_path, image_file):
     first = traj.rounds[0]
     assert len(first.images) == 1 and first.dropped_images == 1 and "1 image(s) not shown" in first.feedback
     assert traj.rounds[1].images == [] and traj.rounds[1].dropped_images == 1
-    assert traj.sample.image_grid_thw.shape[0] == 2 and traj.finish_reason == "answer"
+    assert traj.sample.visual.image_grid_thw.shape[0] == 2 and traj.finish_reason == "answer"
 
 
 @needs_bwrap

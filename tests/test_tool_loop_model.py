@@ -71,7 +71,7 @@ def test_real_model_continues_after_a_crop_round(crop_then_real):
     (real,) = engine.real_ids
     assert len(real) >= 1 and traj.segments[-1].tokens == len(real) and traj.segments[-1].temperature == 0.0
     s = traj.sample
-    assert s.image_grid_thw.shape[0] == 2 and traj.finish_reason in ("length", "eos", "max_rounds", "answer")
+    assert s.visual.image_grid_thw.shape[0] == 2 and traj.finish_reason in ("length", "eos", "max_rounds", "answer")
     end = len(s) - (traj.finish_reason == "eos")
     assert s.input_ids[end - len(real) : end].tolist() == real
     assert traj.policy_mask[end - len(real) :].tolist() == [1] * (len(s) - end + len(real))
@@ -87,8 +87,8 @@ def test_forward_on_final_sample_reproduces_greedy_generation(crop_then_real):
         out = engine.model(
             input_ids=s.input_ids[None],
             position_ids=s.position_ids[:, None],
-            pixel_values=s.pixel_values,
-            image_grid_thw=s.image_grid_thw,
+            pixel_values=s.visual.pixel_values,
+            image_grid_thw=s.visual.image_grid_thw,
         )
     start = len(s) - (traj.finish_reason == "eos") - len(real)
     assert out.logits[0, start - 1 : start - 1 + len(real)].argmax(-1).tolist() == real

@@ -103,7 +103,7 @@ def test_param_groups_and_freeze_plan():
 
 
 def test_media_members_become_bytes_and_rows_concatenate():
-    from data_pipelines.encoded import PackedBatch
+    from data_pipelines.encoded import PackedBatch, TokenIds
     from train.data import concat_rows, label_count, with_media_bytes
 
     record = {
@@ -130,6 +130,7 @@ def test_media_members_become_bytes_and_rows_concatenate():
             torch.tensor(labels)[None],
             torch.arange(n).expand(3, 1, n),
             torch.tensor([0, n], dtype=torch.int32),
+            TokenIds.from_config(micro_config(), pad=151643),
             num_samples=1,
         )
 

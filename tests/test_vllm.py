@@ -71,7 +71,7 @@ def _vllm_request(name: str, messages: list[dict], processor: KeyeVLProcessor) -
 def _ours(model, processor, messages) -> dict:
     """Prompt ids, prompt-token log-probs, and greedy tokens with their log-probs, from the project's own code."""
     sample = processor.encode_conversation(messages, add_generation_prompt=True)
-    inputs = sample.visual_inputs()
+    inputs = sample.visual.as_kwargs()
     ids = sample.input_ids[None]
     with torch.no_grad():
         out = model.generate(

@@ -99,7 +99,7 @@ def test_vllm_sees_our_prompt_ids_and_decodes_as_the_transformers_engine(engines
     for sample, ids, lps in zip(samples, got.token_ids, got.logprobs):
         full = torch.cat([sample.input_ids, torch.tensor(ids, dtype=torch.long)])
         with torch.no_grad():
-            logits = hf_engine.model(input_ids=full[None], **sample.visual_inputs()).logits[0].float()
+            logits = hf_engine.model(input_ids=full[None], **sample.visual.as_kwargs()).logits[0].float()
         ours = torch.log_softmax(logits[:-1], -1).gather(1, full[1:, None])[:, 0][len(sample) - 1 :]
         np.testing.assert_allclose(lps[: len(ids)], ours.numpy(), atol=LOGPROB_ATOL)
 
@@ -160,7 +160,7 @@ def test_thyme_loop_splices_the_sandbox_crop_and_continues_as_with_transformers(
             trajectories.append(loop.run([conv], out_dir=tmp_path / engine.name)[0])
     got, want = trajectories
     assert got.rounds[0].status == "ok" and len(got.rounds[0].images) == 1
-    assert got.sample.image_grid_thw.shape[0] == 2  # the input image and the spliced crop
+    assert got.sample.visual.image_grid_thw.shape[0] == 2  # the input image and the spliced crop
     assert got.sample.input_ids.tolist() == want.sample.input_ids.tolist()
     assert got.finish_reason == want.finish_reason
     policy = got.policy_mask.bool()
@@ -180,7 +180,7 @@ def test_weight_push_moves_the_engine_onto_the_trainers_weights(engines, media):
 
     def trainer_logprobs() -> torch.Tensor:
         with torch.no_grad():
-            logits = trainer(input_ids=sample.input_ids[None], **sample.visual_inputs()).logits[0].float()
+            logits = trainer(input_ids=sample.input_ids[None], **sample.visual.as_kwargs()).logits[0].float()
         return torch.log_softmax(logits[:-1], -1).gather(1, sample.input_ids[1:, None])[:, 0]
 
     before = vllm_engine.sequence_logprobs([sample])[0]
@@ -188,7 +188,7 @@ def test_weight_push_moves_the_engine_onto_the_trainers_weights(engines, media):
 
     opt = torch.optim.AdamW(trainer.parameters(), lr=1e-2)
     labels = torch.cat([torch.full_like(prompt.input_ids[: len(sample) - len(answer)], -100), answer])
-    trainer(input_ids=sample.input_ids[None], labels=labels[None], **sample.visual_inputs()).loss.backward()
+    trainer(input_ids=sample.input_ids[None], labels=labels[None], **sample.visual.as_kwargs()).loss.backward()
     opt.step()
     seconds = vllm_engine.update_weights(trainer.named_parameters())
     after = vllm_engine.sequence_logprobs([sample])[0]

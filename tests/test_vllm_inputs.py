@@ -44,7 +44,7 @@ def test_each_visual_item_collapses_to_one_placeholder_and_text_is_untouched(pro
     ]
     sample = processor.encode_conversation(msgs, add_generation_prompt=True)
     ids = sample.input_ids.tolist()
-    collapsed = collapse_visual_tokens(ids)
+    collapsed = collapse_visual_tokens(ids, processor.token_ids)
     spans = [collapsed[i : i + 3] for i, t in enumerate(collapsed) if t == VISION_START_TOKEN_ID]
     assert spans == [
         [VISION_START_TOKEN_ID, IMAGE_TOKEN_ID, VISION_END_TOKEN_ID],

@@ -28,11 +28,8 @@ from keye.modeling import KeyeVLForConditionalGeneration  # noqa: E402
 from keye.processing import KeyeVLProcessor  # noqa: E402
 from tests.released_helpers import export  # noqa: E402
 from tests.spine_fixtures import micro_config  # noqa: E402
-from tests.test_rl_learning import _greedy_accuracy, _task, format_only_sft  # noqa: E402
+from tests.test_rl_learning import _greedy_accuracy, _task, colour_task_gspo, format_only_sft  # noqa: E402
 from tests.test_rl_run import _setup  # noqa: E402
-from train.rl.config import HintConfig, RLConfig, RolloutConfig, UpdateConfig  # noqa: E402
-from train.rl.losses import PolicyLossConfig  # noqa: E402
-from train.rl.step import RLStep  # noqa: E402
 
 DRIFT_ATOL = 1e-3  # fp32 engine and trainer on the same weights: measured 1e-6 to 1e-4 per token
 
@@ -59,22 +56,7 @@ def test_gspo_raises_accuracy_on_the_colour_task_with_vllm_rollouts(tmp_path, on
     engine = VLLMEngine.from_pretrained(export(model, tmp_path / "export", processor), settings=settings)
     trainer_view = ChatEngine(model, processor, "cpu")
     initial = _greedy_accuracy(trainer_view, records, tmp_path)
-    cfg = RLConfig(
-        prompts_per_step=8,
-        rollout=RolloutConfig(group_size=8, max_new_tokens=3, media_root=str(tmp_path), engine="vllm"),
-        loss=PolicyLossConfig(loss_type="gspo"),
-        hints=HintConfig(k=4),
-        update=UpdateConfig(minibatches=4),
-    )
-    step = RLStep(model, engine, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-
-    def opt_step():
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        return norm
-
+    step, opt_step = colour_task_gspo(model, engine, tmp_path, rollout_engine="vllm")
     curve, drift, sync = [], [], []
     try:
         for _ in range(12):

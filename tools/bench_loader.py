@@ -128,7 +128,7 @@ def lossy_error(workdir: Path, processor: Any) -> dict[str, float]:
 
 def time_pass(shard_dir: str, processor: Any, seq: int) -> dict[str, float]:
     """One single-process pass over a shard set: shards → encoder → packer, all rows consumed."""
-    from data_pipelines.packing import VIDEO_TOKEN_ID, Packer
+    from data_pipelines.packing import Packer
     from data_pipelines.reader import MappedStream, ShardStream
     from train.data import make_encoder
 
@@ -139,14 +139,14 @@ def time_pass(shard_dir: str, processor: Any, seq: int) -> dict[str, float]:
         t0 = time.perf_counter()
         out = encode(sample)
         counts["slowest_sample_s"] = max(counts["slowest_sample_s"], time.perf_counter() - t0)
-        visual = int((out.input_ids == VIDEO_TOKEN_ID).sum())
+        visual = int((out.input_ids == out.token_ids.video).sum())
         counts["samples"] += 1
         counts["visual"] += visual
         counts["text"] += len(out) - visual
         return out
 
     stream = MappedStream(ShardStream(shard_dir, shuffle=False, epochs=1), counted, errors=())
-    packer = Packer(stream, seq, truncate=True)
+    packer = Packer(stream, seq, token_ids=processor.token_ids, truncate=True)
     wall, cpu = time.perf_counter(), time.process_time()
     rows = sum(1 for _ in packer)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

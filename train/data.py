@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, PackedBatch
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, PackedBatch, VisualInputs
 from data_pipelines.frame_shards import check_manifest_options, is_frames_member, read_frames_member
 from data_pipelines.media import VideoClip, VideoOptions
 from data_pipelines.packing import Packer
@@ -110,20 +110,13 @@ def concat_rows(rows: list[PackedBatch]) -> PackedBatch:
     for r in rows:
         offsets.append(offsets[-1] + int(r.input_ids.numel()))
     cu = torch.cat([rows[0].cu_seqlens[:1]] + [r.cu_seqlens[1:] + off for r, off in zip(rows, offsets)])
-
-    def cat(name: str, dim: int = 0) -> torch.Tensor | None:
-        parts = [getattr(r, name) for r in rows if getattr(r, name) is not None]
-        return torch.cat(parts, dim) if parts else None
-
     return PackedBatch(
         input_ids=torch.cat([r.input_ids.reshape(1, -1) for r in rows], 1),
         labels=torch.cat([r.labels.reshape(1, -1) for r in rows], 1),
         position_ids=torch.cat([r.position_ids.reshape(3, 1, -1) for r in rows], 2),
         cu_seqlens=cu.to(torch.int32),
-        pixel_values=cat("pixel_values"),
-        image_grid_thw=cat("image_grid_thw"),
-        pixel_values_videos=cat("pixel_values_videos"),
-        video_grid_thw=cat("video_grid_thw"),
+        token_ids=rows[0].token_ids,  # one packer's rows
+        visual=VisualInputs.concat(r.visual for r in rows),
         num_samples=sum(r.num_samples for r in rows),
         sample_ids=[s for r in rows for s in r.sample_ids],
     )
@@ -132,10 +125,6 @@ def concat_rows(rows: list[PackedBatch]) -> PackedBatch:
 def label_count(batch: PackedBatch) -> torch.Tensor:
     """Label tokens the loss will see (after the shift, never across packed boundaries)."""
     return (shift_labels(batch.labels, batch.cu_seqlens) != IGNORE_INDEX).sum()
-
-
-def has_pixels(batch: PackedBatch) -> bool:
-    return any(t is not None and t.numel() > 0 for t in (batch.pixel_values, batch.pixel_values_videos))
 
 
 def _skip_stats(state: Any, into: Counter) -> None:
@@ -403,6 +392,7 @@ class TrainData(StreamData):
         self.packer = Packer(
             guarded(mapped, guard),
             cfg.max_seq_len,
+            token_ids=processor.token_ids,  # the model's (KeyeVLProcessor.from_pretrained reads its config.json)
             truncate=cfg.truncate,
             lookahead=cfg.lookahead,
             pad_to_multiple_of=cfg.pad_to_multiple_of,

@@ -141,12 +141,12 @@ def load_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str):
 
             _apply_overrides(config, OmegaConf.to_container(OmegaConf.from_dotlist(overrides)))
         model = KeyeVLForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype)
-        processor = KeyeVLProcessor.from_pretrained(path)
+        processor = KeyeVLProcessor.from_pretrained(path, model_config=config)  # ids with model.overrides applied
     else:
         config = load_model_config(resolve_path(cfg.model.config), overrides)
         torch.manual_seed(cfg.seed)
         model = KeyeVLForConditionalGeneration(config).to(dtype)
-        processor = KeyeVLProcessor()
+        processor = KeyeVLProcessor(model_config=config)
     if cfg.model.attn_backend:
         model.config.attn_backend = cfg.model.attn_backend
     model.config.use_cache = False

@@ -47,7 +47,7 @@ def init_checkpoint(
         tokenizer = load_tokenizer(llm if has_tokenizer else None)
     out = Path(out)
     model.save_pretrained(str(out))
-    KeyeVLProcessor(tokenizer).save_pretrained(out)
+    KeyeVLProcessor(tokenizer, model_config=model.config).save_pretrained(out)
 
     def count(m):
         return sum(p.numel() for p in m.parameters())

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from data_pipelines.encoded import EncodedSample
+from data_pipelines.encoded import EncodedSample, TokenIds
 from data_pipelines.media import VideoClip
-from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
 from keye.image_processing import PATCH
 from keye.preprocessor_config import ImageProcessorConfig
 from keye.processing import KeyeVLProcessor
@@ -43,7 +42,9 @@ class ClipRecordingProcessor(KeyeVLProcessor):
 
     @classmethod
     def wrap(cls, processor: KeyeVLProcessor) -> ClipRecordingProcessor:
-        return cls(processor.tokenizer, processor.config, processor.image_config)
+        wrapped = cls(processor.tokenizer, processor.config, processor.image_config)
+        wrapped.token_ids = processor.token_ids
+        return wrapped
 
     def load_video_item(self, item: dict, media_root: str | Path | None) -> VideoClip:
         clip = super().load_video_item(item, media_root)
@@ -62,29 +63,30 @@ class ClipRecordingProcessor(KeyeVLProcessor):
         return sample
 
 
-def collapse_visual_tokens(ids: Sequence[int]) -> list[int]:
+def collapse_visual_tokens(ids: Sequence[int], token_ids: TokenIds) -> list[int]:
     """``ids`` with the inside of every ``<|vision_start|> … <|vision_end|>`` span holding image or video pads
     replaced by one pad: the form vLLM expands itself."""
+    t = token_ids
     out: list[int] = []
     i, n = 0, len(ids)
     while i < n:
         token = ids[i]
         out.append(token)
         i += 1
-        if token != VISION_START_TOKEN_ID:
+        if token != t.vision_start:
             continue
         try:
-            end = ids.index(VISION_END_TOKEN_ID, i)
+            end = ids.index(t.vision_end, i)
         except ValueError:
             raise ValueError(f"prompt has <|vision_start|> at {i - 1} without <|vision_end|>") from None
         inner = ids[i:end]
-        if IMAGE_TOKEN_ID in inner:
-            out.append(IMAGE_TOKEN_ID)
-        elif VIDEO_TOKEN_ID in inner:
-            out.append(VIDEO_TOKEN_ID)
+        if t.image in inner:
+            out.append(t.image)
+        elif t.video in inner:
+            out.append(t.video)
         else:
             out.extend(inner)
-        out.append(VISION_END_TOKEN_ID)
+        out.append(t.vision_end)
         i = end + 1
     return out
 
@@ -133,12 +135,13 @@ def video_kwargs(clips: Sequence[VideoClip]) -> dict[str, list]:
 
 def vllm_prompt(sample: EncodedSample, config: ImageProcessorConfig) -> dict[str, Any]:
     """A vLLM ``TokensPrompt`` (plain dict) for one encoded prompt; see the module docstring."""
-    prompt: dict[str, Any] = {"prompt_token_ids": collapse_visual_tokens(sample.input_ids.tolist())}
+    prompt: dict[str, Any] = {"prompt_token_ids": collapse_visual_tokens(sample.input_ids.tolist(), sample.token_ids)}
     mm: dict[str, Any] = {}
-    if sample.pixel_values is not None and sample.image_grid_thw is not None:
-        images = patches_to_images(sample.pixel_values, sample.image_grid_thw, config)
+    visual = sample.visual
+    if visual.pixel_values is not None and visual.image_grid_thw is not None:
+        images = patches_to_images(visual.pixel_values, visual.image_grid_thw, config)
         mm["image"] = images if len(images) > 1 else images[0]
-    if sample.pixel_values_videos is not None:
+    if visual.pixel_values_videos is not None:
         clips = sample.meta.get(VIDEOS_META)
         if not clips:
             raise ValueError(

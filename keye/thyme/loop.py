@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 from data_pipelines.encoded import EncodedSample
-from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from keye.inference import GenerationResult, GenerationSettings
 from keye.processing import KeyeVLProcessor
 from keye.sandbox import Sandbox, SandboxSession, extract_code
@@ -33,7 +32,6 @@ ERROR_PREFIX = "Error: "  # recognised by train.rl.rewards.SANDBOX_ERROR_PREFIXE
 TEXT_STOPS_ATS = ("<code>", "</code>", "</answer>")
 TEXT_STOPS = ("</code>", "</answer>")
 CODE_STOPS = ("</code>",)
-_PLACEHOLDERS = (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)  # generated placeholders would have no pixels behind them
 
 
 class SegmentEngine(Protocol):
@@ -231,7 +229,8 @@ class ToolLoop:
         """Append one generated segment (``logprobs``: the engine's, one per id plus the end-of-turn token's)."""
         limit, limit_reason = budget
         ids = ids[:limit]
-        bad = next((k for k, t in enumerate(ids) if t in _PLACEHOLDERS), None)
+        placeholders = (r.state.token_ids.image, r.state.token_ids.video)  # generated ones have no pixels behind them
+        bad = next((k for k, t in enumerate(ids) if t in placeholders), None)
         if bad is not None:
             ids = ids[:bad]
         text = self.processor.decode(ids, skip_special_tokens=False)

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data_pipelines.encoded import IGNORE_INDEX, EncodedSample
-from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from data_pipelines.encoded import IGNORE_INDEX, EncodedSample, VisualInputs
 from keye.processing import MERGE, KeyeVLProcessor
 from keye.reasoning import extract_final_answer
 from keye.rope import multimodal_position_ids
@@ -109,11 +108,13 @@ class TrajectoryState:
         self.engine_lp: list[float] = [math.nan] * len(self.ids)
         self.has_engine_lp = False
         self.prompt_length = len(self.ids)
-        self.img_patches: list[torch.Tensor] = [] if prompt.pixel_values is None else [prompt.pixel_values]
-        self.img_grids: list[list[int]] = [] if prompt.image_grid_thw is None else prompt.image_grid_thw.tolist()
+        self.token_ids = prompt.token_ids
+        visual = prompt.visual
+        self.img_patches: list[torch.Tensor] = [] if visual.pixel_values is None else [visual.pixel_values]
+        self.img_grids: list[list[int]] = [] if visual.image_grid_thw is None else visual.image_grid_thw.tolist()
         self.n_input_images = len(self.img_grids)
-        self.vid_patches = prompt.pixel_values_videos
-        self.vid_grid = prompt.video_grid_thw
+        self.vid_patches = visual.pixel_values_videos
+        self.vid_grid = visual.video_grid_thw
         self.content: list[dict] = []
         self.texts: list[str] = []
         self.tokens_used = 0
@@ -200,16 +201,17 @@ class TrajectoryState:
     def sample(self) -> EncodedSample:
         input_ids = torch.tensor(self.ids, dtype=torch.long)
         image_grid = torch.tensor(self.img_grids, dtype=torch.long).view(-1, 3) if self.img_grids else None
-        positions = multimodal_position_ids(input_ids, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, image_grid, self.vid_grid, MERGE)
+        ids = self.token_ids
+        positions = multimodal_position_ids(input_ids, ids.image, ids.video, image_grid, self.vid_grid, MERGE)
         mask = torch.tensor(self.policy, dtype=torch.long)
         return EncodedSample(
             input_ids=input_ids,
             labels=torch.where(mask.bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX)),
             position_ids=positions,
-            pixel_values=torch.cat(self.img_patches) if self.img_patches else None,
-            image_grid_thw=image_grid,
-            pixel_values_videos=self.vid_patches,
-            video_grid_thw=self.vid_grid,
+            token_ids=ids,
+            visual=VisualInputs(
+                torch.cat(self.img_patches) if self.img_patches else None, image_grid, self.vid_patches, self.vid_grid
+            ),
             meta=dict(self.meta),
         )
 

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from data_pipelines.encoded import IGNORE_INDEX, EncodedSample
-from keye.configuration import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from keye.generation import GenerationEngine
 from keye.inference import GenerationSettings
 from keye.processing import MERGE
@@ -33,7 +32,6 @@ from keye.thyme import ToolLoop
 from train.rl.config import RolloutConfig
 
 Messages = list[dict[str, Any]]
-_PLACEHOLDERS = (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)
 
 
 @dataclass
@@ -73,7 +71,8 @@ def chat_rollout_sample(prompt: EncodedSample, generated: list[int], eos_id: int
     """
     ids = list(generated)
     finish = "length" if len(ids) >= max_new_tokens else "eos"
-    bad = next((i for i, t in enumerate(ids) if t in _PLACEHOLDERS), None)
+    token_ids = prompt.token_ids
+    bad = next((i for i, t in enumerate(ids) if t in (token_ids.image, token_ids.video)), None)
     if bad is not None:
         ids, finish = ids[:bad], "invalid_token"
     if finish == "eos":
@@ -81,9 +80,8 @@ def chat_rollout_sample(prompt: EncodedSample, generated: list[int], eos_id: int
     response = torch.tensor(ids, dtype=torch.long)
     input_ids = torch.cat([prompt.input_ids, response])
     labels = torch.cat([torch.full_like(prompt.input_ids, IGNORE_INDEX), response])
-    positions = multimodal_position_ids(
-        input_ids, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, prompt.image_grid_thw, prompt.video_grid_thw, MERGE
-    )
+    grids = (prompt.visual.image_grid_thw, prompt.visual.video_grid_thw)
+    positions = multimodal_position_ids(input_ids, token_ids.image, token_ids.video, *grids, MERGE)
     return dataclasses.replace(prompt, input_ids=input_ids, labels=labels, position_ids=positions), finish
 
 
