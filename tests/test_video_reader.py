@@ -95,9 +95,15 @@ def test_short_clip_keeps_decoded_pixels(cuts):
     assert [tuple(p.shape[-2:]) for p in clip_pixels(clip)] == [clip.frame_hw(j) for j in range(clip.num_frames)]
 
 
-def _native_threads() -> int:
-    """Threads of this process that Python did not start (FFmpeg's decoder threads)."""
-    return len(os.listdir("/proc/self/task")) - threading.active_count()
+def _thread_ids() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+def _new_native_threads(before: set[int]) -> int:
+    """Threads started since ``before`` that Python did not start (FFmpeg's decoder threads). By thread id, not
+    by count: a Python thread of an earlier test that is still exiting has left ``threading.enumerate()`` but not
+    ``/proc`` yet, and would count as native."""
+    return len(_thread_ids() - before - {t.native_id for t in threading.enumerate()})
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
@@ -107,10 +113,10 @@ def test_decoder_starts_no_threads_unless_asked(cuts, threads):
     from data_pipelines.video_reader import open_video
 
     _, decode = open_video(cuts, VideoOptions(decode_threads=threads))
-    before = _native_threads()
+    before = _thread_ids()
     frames = decode([0, 1, 2])
     next(frames)
-    started = _native_threads() - before
+    started = _new_native_threads(before)
     frames.close()
     assert started == 0 if threads == 1 else started >= 1
 
