@@ -28,7 +28,7 @@ from train.config import TrainConfig
 from train.data import ShardedData, TrainData, configure_processor, label_count
 from train.engine import load_model, set_activation_checkpointing
 from train.freeze import apply_freeze
-from train.metrics import Throughput, flop_totals, memory_gb, peak_flops, rate_metrics, step_flops
+from train.metrics import Throughput, flop_params, flop_totals, memory_gb, peak_flops, rate_metrics, step_flops
 from train.optim import param_groups
 from train.run_context import RunContext, StepResult, StopRequested
 from train.siglip import build_tower, pair_data, tower_param_groups
@@ -74,6 +74,8 @@ def lm_task(cfg: TrainConfig, run: RunContext, sp: Any) -> Task:
     def count(batch: Any) -> torch.Tensor:
         return torch.tensor(batch.num_label_tokens) if sp.sp_size > 1 else label_count(batch)
 
+    params = flop_params(model)
+
     return Task(
         model=model,
         processor=processor,
@@ -83,7 +85,7 @@ def lm_task(cfg: TrainConfig, run: RunContext, sp: Any) -> Task:
         tokens=lambda b: int(b.input_ids.numel()),
         groups=param_groups(model, cfg.optim),
         loss_replicas=sp.sp_size,
-        flops=lambda b: step_flops(model, b),
+        flops=lambda b: step_flops(model, b, params),
     )
 
 

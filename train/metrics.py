@@ -163,9 +163,21 @@ def param_count(module: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())  # ZeRO-3: the full size
 
 
-def step_flops(model: torch.nn.Module, row: Any) -> dict[str, float]:
+def flop_params(model: torch.nn.Module) -> dict[str, int]:
+    """The parameter counts the FLOP formulas use (full size under ZeRO-3): constant for a run, so a training
+    loop counts them once instead of walking every parameter per micro-batch."""
+    return {
+        "llm_body": param_count(model.model) - param_count(model.model.embed_tokens),
+        "vit": param_count(model.visual),
+        "projector": param_count(model.mlp_AR),
+    }
+
+
+def step_flops(model: torch.nn.Module, row: Any, params: dict[str, int] | None = None) -> dict[str, float]:
     """Model FLOPs of one training step on the packed ``row`` (module docstring); a sequence-parallel slice
-    (``keye.sequence_parallel.ShardedBatch``) counts its share of the row, so the ranks' sum is the row's."""
+    (``keye.sequence_parallel.ShardedBatch``) counts its share of the row, so the ranks' sum is the row's.
+    ``params``: :func:`flop_params` of ``model``, counted here when not given."""
+    params = params or flop_params(model)
     tc, vc = model.config.text_config, model.config.vision_config
     sp = getattr(row, "sp_size", 1)
     targets = row.shift_labels if sp > 1 else shift_labels(row.labels, row.cu_seqlens)
@@ -175,13 +187,13 @@ def step_flops(model: torch.nn.Module, row: Any) -> dict[str, float]:
     head = tc.vocab_size * tc.hidden_size
     attention = 6.0 * tc.num_hidden_layers * tc.num_attention_heads * tc.head_dim
     return {
-        "llm_linear": 6.0 * (param_count(model.model) - param_count(model.model.embed_tokens)) * row.input_ids.numel(),
+        "llm_linear": 6.0 * params["llm_body"] * row.input_ids.numel(),
         "lm_head": 6.0 * head * int((targets != IGNORE_INDEX).sum()),
         "lm_head_all_tokens": 6.0 * head * row.input_ids.numel(),
         "llm_attention": attention * float(seg.square().sum()) / sp,
-        "vit_linear": 6.0 * param_count(model.visual) * float(frames.sum()) / sp,
+        "vit_linear": 6.0 * params["vit"] * float(frames.sum()) / sp,
         "vit_attention": 12.0 * vc.num_hidden_layers * vc.hidden_size * float(frames.square().sum()) / sp,
-        "projector": 6.0 * param_count(model.mlp_AR) * float(frames.sum()) / 4 / sp,
+        "projector": 6.0 * params["projector"] * float(frames.sum()) / 4 / sp,
     }
 
 
