@@ -108,17 +108,29 @@ def _new_native_threads(before: set[int]) -> int:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decoder_starts_no_threads_unless_asked(cuts, threads):
-    """PyAV's default (automatic slice threads) burns a core for nothing on one-slice H.264; 1 means none."""
-    from data_pipelines.video_reader import open_video
+def test_decoder_starts_no_threads_unless_asked(cuts, threads, monkeypatch):
+    """PyAV's default (automatic slice threads) burns a core for nothing on one-slice H.264; 1 means none.
 
-    _, decode = open_video(cuts, VideoOptions(decode_threads=threads))
+    Threads are counted inside the decoding job, after its first frame, while its decoder is open: counted in the
+    consumer instead, the read-ahead thread may already have finished its three frames and be exiting (gone from
+    ``threading.enumerate()``, still in ``/proc``), and would count as an FFmpeg thread."""
+    from data_pipelines import video_reader
+
+    part = video_reader._av_part
+    started: list[int] = []
+
+    def counted_part(*args, **kwargs):
+        frames = part(*args, **kwargs)
+        yield next(frames)
+        started.append(_new_native_threads(before))
+        yield from frames
+
+    monkeypatch.setattr(video_reader, "_av_part", counted_part)
+    _, decode = video_reader.open_video(cuts, VideoOptions(decode_threads=threads))
     before = _thread_ids()
-    frames = decode([0, 1, 2])
-    next(frames)
-    started = _new_native_threads(before)
-    frames.close()
-    assert started == 0 if threads == 1 else started >= 1
+    assert len(list(decode([0, 1, 2]))) == 3
+    assert len(started) == 1
+    assert started[0] == 0 if threads == 1 else started[0] >= 1
 
 
 def test_decord_backend_same_result(cuts):
