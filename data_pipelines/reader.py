@@ -104,8 +104,9 @@ def iter_tar_groups(
                         yield index, key, members
                     index, key, members = index + 1, k, {}
                 if index >= start and want(index):
-                    fh = tf.extractfile(info)
-                    members[suffix] = fh.read() if fh is not None else b""
+                    # closed here, not by the file's finalizer, which would drop a stop signal's exception
+                    with tf.extractfile(info) as fh:  # a regular file: never None
+                        members[suffix] = fh.read()
             if _has_trailing_data(raw, tf.offset):
                 raise tarfile.ReadError(f"corrupt header at byte {tf.offset}")
     except (tarfile.TarError, OSError, EOFError) as exc:
